@@ -1,0 +1,34 @@
+"""``python -m bench <suite> [flags]``: throughput and memory grids, written to bench/results/."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUITES = {
+    "kernels": "bench.kernels",  # each Triton op vs the reference, GB/s
+    "train": "bench.model",  # train-step images/s and memory across batch sizes and modes
+    "sample": "bench.model",  # sampler images/s at 10, 20 and 50 NFE
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: python -m bench {{{','.join(SUITES)},all}} [flags]   (python -m bench SUITE --help)")
+        return 0 if argv else 2
+    suite, rest = argv[0], argv[1:]
+    if suite == "all":
+        rc = 0
+        for name in ("kernels", "train", "sample"):
+            rc |= importlib.import_module(SUITES[name]).main([name, *rest] if name != "kernels" else rest)
+        return rc
+    if suite not in SUITES:
+        print(f"error: unknown suite {suite!r}; choose one of {', '.join(SUITES)}, all", file=sys.stderr)
+        return 2
+    mod = importlib.import_module(SUITES[suite])
+    return mod.main([suite, *rest] if suite != "kernels" else rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

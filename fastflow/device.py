@@ -1,0 +1,93 @@
+"""Resolve device and dtype once; autocast; synchronisation; memory figures."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+
+import torch
+
+from .errors import UserError
+
+__all__ = ["resolve_device", "resolve_amp", "autocast", "synchronize", "peak_memory_mb", "device_name"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU. ``cuda`` without CUDA is a :class:`UserError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+        return torch.device("cuda")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise UserError(f"unknown device {name!r}; choose auto, cpu or cuda")
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. ``auto``: bf16 on CUDA with bf16 support and on CPUs with
+    native bf16 matrix instructions (AVX-512 BF16 / AMX), fp32 elsewhere."""
+    if amp == "none":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if _cpu_has_bf16() else None
+    raise UserError(f"unknown --amp {amp!r}; choose auto, none or bf16")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast context for the network; a no-op context when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak memory so far: torch's allocator peak and NVML's used memory on CUDA, peak RSS on CPU."""
+    if device.type == "cuda":
+        out = {"torch_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            h = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            out["nvml_used_mb"] = pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**20
+        except Exception:  # NVML is optional: a missing driver library just drops the figure
+            pass
+        return out
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_mb": rss / (2**20 if sys.platform == "darwin" else 2**10)}
