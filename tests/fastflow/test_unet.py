@@ -1,0 +1,51 @@
+"""The U-Net: shapes, and that its output really depends on t and on the label."""
+
+from __future__ import annotations
+
+import torch
+
+from fastflow.config import PRESETS, ModelConfig
+from fastflow.unet import UNet, count_parameters, time_embedding
+
+
+def _model(**kw) -> UNet:
+    torch.manual_seed(0)
+    m = UNet(ModelConfig(**{**PRESETS["tiny"][0], **kw}))
+    with torch.no_grad():  # the zero-initialised output layers would hide any dependence
+        for p in m.parameters():
+            if p.abs().sum() == 0 and p.dim() > 1:
+                p.normal_(0, 0.1)
+    return m.eval()
+
+
+def test_output_shape_and_dtype():
+    m = _model()
+    x = torch.randn(5, 1, 28, 28)
+    out = m(x, torch.rand(5), torch.tensor([0, 3, 9, 10, 1]))
+    assert out.shape == (5, 1, 28, 28) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_output_depends_on_time_and_label():
+    m = _model()
+    x = torch.randn(4, 1, 28, 28)
+    y = torch.tensor([1, 2, 3, 4])
+    base = m(x, torch.full((4,), 0.5), y)
+    assert (m(x, torch.full((4,), 0.501), y) - base).abs().max() > 1e-5  # Δt = 1e-3 is resolved
+    assert (m(x, torch.full((4,), 0.9), y) - base).abs().max() > 1e-3
+    assert (m(x, torch.full((4,), 0.5), torch.tensor([5, 6, 7, 10])) - base).abs().max() > 1e-3
+    # samples are independent: changing one label leaves the others' outputs alone (no batch coupling)
+    other = m(x, torch.full((4,), 0.5), torch.tensor([9, 2, 3, 4]))
+    assert torch.allclose(other[1:], base[1:], atol=1e-6) and not torch.allclose(other[0], base[0])
+
+
+def test_time_embedding_resolves_the_unit_interval():
+    t = torch.linspace(0, 1, 1001)  # steps of 1e-3
+    e = time_embedding(t, 64)
+    gaps = (e[1:] - e[:-1]).norm(dim=1)
+    assert gaps.min() > 0.05  # every 1e-3 step moves the embedding visibly
+    assert (e[0] - e[-1]).norm() > 1.0
+
+
+def test_presets_build_with_expected_sizes():
+    assert count_parameters(UNet(ModelConfig(**PRESETS["cpu"][0]))) < count_parameters(UNet(ModelConfig()))
+    assert UNet(ModelConfig()).label_emb.num_embeddings == 11  # 10 digits + "no label"

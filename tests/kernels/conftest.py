@@ -1,0 +1,41 @@
+"""Fixtures of the kernel tests (TRITON_INTERPRET is set by tests/conftest.py, before kernels is imported)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from kernel_asserts import TRITON_DEVICE, poisoned_outputs
+
+import kernels
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """Fresh random inputs each run; the seed is printed so pytest shows it with a failure."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"input seed = {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def device() -> str:
+    """Where the Triton path runs: CPU under the interpreter, CUDA with native kernels."""
+    if TRITON_DEVICE is None:
+        pytest.skip("Triton path needs TRITON_INTERPRET=1 or a CUDA GPU")
+    return TRITON_DEVICE
+
+
+@pytest.fixture
+def poisoned():
+    """Every torch.empty* inside the test is NaN (see kernel_asserts.poisoned_outputs)."""
+    with poisoned_outputs():
+        yield
+
+
+@pytest.fixture
+def triton_backend(poisoned):
+    """Force the Triton path (outputs poisoned with NaN)."""
+    with kernels.use_backend("triton"):
+        yield

@@ -1,0 +1,125 @@
+"""flow_path and flow_path_seeded on the Triton path against kernels.reference: forward and every gradient."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from kernel_asserts import (
+    DTYPE_IDS,
+    DTYPES,
+    INTERPRET,
+    SHAPES,
+    assert_close,
+    assert_equal,
+    data,
+    normal,
+    shape_id,
+)
+
+import kernels
+from kernels import reference
+
+
+def _leaves(*xs):
+    return [x.detach().clone().requires_grad_() for x in xs]
+
+
+def _check_path(z, eps, t, gen):
+    """Run both backends on copies of (z, eps, t); compare x_t, u and dz, deps, dt for random upstream grads."""
+    zt, et, tt = _leaves(z, eps, t)
+    x_t, u = kernels.flow_path(zt, et, tt)
+    zr, er, tr = _leaves(z, eps, t)
+    rx, ru = reference.flow_path(zr, er, tr)
+    assert_close("x_t", x_t, rx)
+    assert_close("u", u, ru)
+    gx, gu = normal(z.shape, z.dtype, gen, z.device), normal(z.shape, z.dtype, gen, z.device)
+    got = torch.autograd.grad((x_t, u), (zt, et, tt), (gx, gu))
+    want = torch.autograd.grad((rx, ru), (zr, er, tr), (gx, gu))
+    for name, g, w in zip(("dz", "deps"), got, want):
+        assert_close(name, g, w)
+    # dt sums fp32 products over a sample in a different order than autograd: the fp32 tolerance applies.
+    assert_close("dt", got[2], want[2], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_flow_path_matches_reference(shape, dtype, gen, device, triton_backend):
+    z, eps = data(shape, dtype, gen, device), normal(shape, dtype, gen, device)
+    t = torch.rand(shape[0], generator=gen).to(device)
+    _check_path(z, eps, t, gen)
+
+
+def test_flow_path_non_contiguous(gen, device, triton_backend):
+    """Transposed z, a strided eps slice and a strided t, each read in logical (row-major) order."""
+    b = 5
+    z = data((b, 1, 28, 28), torch.float32, gen, device).transpose(2, 3)
+    eps = normal((b, 1, 28, 56), torch.float32, gen, device)[..., ::2]
+    t = torch.rand(2 * b, generator=gen).to(device)[::2]
+    assert not (z.is_contiguous() or eps.is_contiguous() or t.is_contiguous())
+    _check_path(z, eps, t, gen)
+
+
+def test_flow_path_mixed_dtypes(gen, device, triton_backend):
+    """bf16 data with fp32 noise and bf16 t: outputs take z's dtype, the math stays fp32."""
+    z = data((3, 1, 28, 28), torch.bfloat16, gen, device)
+    eps = normal((3, 1, 28, 28), torch.float32, gen, device)
+    t = torch.rand(3, generator=gen).to(device, torch.bfloat16)
+    _check_path(z, eps, t, gen)
+
+
+# The interpreter runs Philox at ~30 ms per 1024 elements, and this test draws three times: the seeded sweep
+# stops at B = 32 for fp32 and B = 3 for bf16/fp16 (B = 129 alone took 14 s); the unseeded sweep covers B = 129.
+SEEDED_CASES = [(s, d) for s in SHAPES for d in DTYPES if math.prod(s) <= (32 if d == torch.float32 else 3) * 784]
+
+
+@pytest.mark.parametrize(
+    "shape,dtype", SEEDED_CASES, ids=[f"{shape_id(s)}-{DTYPE_IDS[DTYPES.index(d)]}" for s, d in SEEDED_CASES]
+)
+def test_flow_path_seeded(shape, dtype, gen, device, triton_backend):
+    z = data(shape, dtype, gen, device)
+    t = torch.rand(shape[0], generator=gen).to(device)
+    seed, offset = int(torch.randint(0, 2**62, (1,), generator=gen)), int(torch.randint(0, 2**40, (1,), generator=gen))
+    zt, tt = _leaves(z, t)
+    x_t, u = kernels.flow_path_seeded(zt, tt, seed, offset)
+
+    # Exact oracle: the unseeded kernel fed the noise the Philox kernel writes out for the same (seed, offset).
+    eps = kernels.philox_normal(shape, seed, offset, device)
+    ex, eu = kernels.flow_path(z, eps, t)
+    check = assert_equal if INTERPRET else assert_close  # a GPU may contract t·z + (1 − t)·eps differently
+    check("x_t vs flow_path(philox eps)", x_t, ex)
+    check("u vs flow_path(philox eps)", u, eu)
+
+    # Pure-torch oracle: reference Philox stream (fp32 rounding of log/cos apart) and reference autograd.
+    zr, tr = _leaves(z, t)
+    rx, ru = reference.flow_path_seeded(zr, tr, seed, offset)
+    assert_close("x_t", x_t, rx)
+    assert_close("u", u, ru)
+    gx, gu = normal(shape, dtype, gen, device), normal(shape, dtype, gen, device)
+    dz, dt = torch.autograd.grad((x_t, u), (zt, tt), (gx, gu))
+    rdz, rdt = torch.autograd.grad((rx, ru), (zr, tr), (gx, gu))
+    assert_close("dz", dz, rdz)
+    assert_close("dt", dt, rdt, torch.float32)
+
+
+def test_flow_path_seeded_tensor_seed_and_offset(gen, device, triton_backend):
+    """0-d int64 tensors (what a compiled loop passes) give the same draw as Python ints."""
+    z = data((3, 1, 28, 28), torch.float32, gen, device)
+    t = torch.rand(3, generator=gen).to(device)
+    a = kernels.flow_path_seeded(z, t, 11, 2**33 + 5)
+    b = kernels.flow_path_seeded(z, t, torch.tensor(11), torch.tensor(2**33 + 5, device=device))
+    assert_equal("x_t", a[0], b[0])
+    assert_equal("u", a[1], b[1])
+
+
+def test_flow_path_empty_batch(device, triton_backend):
+    z = torch.empty(0, 1, 28, 28, device=device)
+    x_t, u = kernels.flow_path(z, z, torch.empty(0, device=device))
+    assert x_t.shape == u.shape == z.shape
+
+
+def test_outputs_are_poisoned(triton_backend):
+    """The premise of every forward test: inside the fixture, fresh outputs start as NaN, not zeros."""
+    assert torch.empty(5).isnan().all()
+    assert torch.empty_like(torch.zeros(3, dtype=torch.bfloat16), memory_format=torch.contiguous_format).isnan().all()
