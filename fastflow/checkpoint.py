@@ -4,67 +4,83 @@ Every part is written atomically (temporary file, fsync, rename) and the manifes
 step and a SHA-256 of each part, so a set that a kill left half-written is detected. Before a new set is
 written, the current complete one is hard-linked into ``previous/`` (no copy), and loading falls back to it.
 
+Why this survives a SIGKILL at any instant (tests/fastflow/test_resume.py kills at each point named by
+:func:`~fastflow.io.fault`):
+
+- ``previous/`` is replaced only by a rename of a fully linked ``previous.tmp/``; while it is being rebuilt the
+  top-level set is still complete (nothing in it has been touched yet).
+- Parts are replaced by rename, so ``previous/``'s hard links keep the old contents; the top-level set is
+  incomplete (hash mismatch) from the first part written until the manifest lands, and during that whole window
+  ``previous/`` holds the last complete set.
+- A save that starts while the top-level set is incomplete (a resumed run after such a kill) leaves
+  ``previous/`` alone: it still holds the newest complete set.
+
 Loading never runs code from a file: weights go through safetensors, the training state through
-``torch.load(weights_only=True)``, the rest is JSON.
+``torch.load(weights_only=True)``, the rest is JSON. Each part is read once into memory, checked against the
+manifest's hash, and parsed from those same bytes, so a writer racing the reader cannot slip in another file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
-import pickle
+import re
 import shutil
+import sys
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from .config import ModelConfig, model_config_from_dict
 from .errors import UserError
-from .io import atomic_save, atomic_write_json
+from .io import atomic_save, fault, remove_stale_temps
 from .unet import UNet
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_pretrained", "Checkpoint", "find_complete"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_pretrained", "build_model", "Checkpoint", "find_complete"]
 
 MANIFEST = "manifest.json"
 PARTS = ("model.safetensors", "ema.safetensors", "config.json", "state.pt")
+REQUIRED = ("model.safetensors", "config.json")
 FORMAT = "fastflow-checkpoint-1"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def _state_dict_cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
 
 
-def _is_complete(d: Path) -> dict | None:
-    """The manifest of ``d`` if every part it lists is there with the recorded hash, else None."""
-    try:
-        man = json.loads((d / MANIFEST).read_text())
-        if man.get("format") != FORMAT:
-            return None
-        for name, digest in man["files"].items():
-            if _sha256(d / name) != digest:
-                return None
-        return man
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
-def _keep_previous(d: Path) -> None:
+def _write(path: Path, data: bytes, point: str, step: int) -> None:
+    """Atomically write ``data``; ``point`` names the fault hooks (temporary file written, then renamed)."""
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_bytes(data)
+        fault(f"{point}.tmp", step)  # the temporary file is complete but not yet renamed
+
+    atomic_save(path, write)
+    fault(point, step)
+
+
+# -- saving ----------------------------------------------------------------------------------------------------
+
+
+def _keep_previous(d: Path, step: int) -> None:
     """Hard-link the current complete set into ``d/previous`` (swapped in atomically by rename)."""
-    man = _is_complete(d)
-    if man is None:
-        return
+    try:
+        man, _ = _read_set(d)
+    except _Incomplete:
+        return  # d is mid-save (a kill); previous/ already holds the newest complete set: keep it
     tmp, prev, old = d / "previous.tmp", d / "previous", d / "previous.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -73,11 +89,14 @@ def _keep_previous(d: Path) -> None:
             os.link(d / name, tmp / name)
         except OSError:  # a file system without hard links: copy
             shutil.copy2(d / name, tmp / name)
+    fault("ckpt.previous.linked", step)
     shutil.rmtree(old, ignore_errors=True)
     if prev.exists():
         os.replace(prev, old)
+    fault("ckpt.previous.swapping", step)  # previous/ is briefly absent; the top-level set is still complete
     os.replace(tmp, prev)
     shutil.rmtree(old, ignore_errors=True)
+    fault("ckpt.previous.done", step)
 
 
 def save_checkpoint(
@@ -89,49 +108,121 @@ def save_checkpoint(
     state: dict | None = None,
     step: int = 0,
 ) -> Path:
-    """Write a complete checkpoint set into ``directory``; the previous complete set moves to ``previous/``."""
+    """Write a complete checkpoint set into ``directory``; the previous complete set moves to ``previous/``.
+
+    Call from one process only (rank 0): concurrent writers to one folder are not supported.
+    """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    _keep_previous(d)
-    written = {}
-
-    def part(name, write):
-        atomic_save(d / name, write)
-        written[name] = _sha256(d / name)
-
-    part("model.safetensors", lambda p: save_file(_state_dict_cpu(model), p, metadata={"format": FORMAT}))
+    # Serialise everything before touching the folder: an error here leaves the saved set as it was.
+    blobs = {"model.safetensors": save_safetensors(_state_dict_cpu(model), metadata={"format": FORMAT})}
     if ema is not None:
-        part("ema.safetensors", lambda p: save_file(_state_dict_cpu(ema), p, metadata={"format": FORMAT}))
-    elif (d / "ema.safetensors").exists():
-        (d / "ema.safetensors").unlink()
+        blobs["ema.safetensors"] = save_safetensors(_state_dict_cpu(ema), metadata={"format": FORMAT})
     config = {
         "model": dataclasses.asdict(model_cfg),
         "train": dataclasses.asdict(train_cfg) if train_cfg is not None else None,
         "step": step,
     }
-    part("config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    blobs["config.json"] = (json.dumps(config, indent=2) + "\n").encode()
     if state is not None:
-        part("state.pt", lambda p: torch.save(state, p))
-    atomic_write_json(d / MANIFEST, {"format": FORMAT, "step": step, "files": written})
+        blobs["state.pt"] = _torch_bytes(state)
+    manifest = {
+        "format": FORMAT,
+        "step": step,
+        "files": {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()},
+    }
+
+    remove_stale_temps(d, [*PARTS, MANIFEST])
+    fault("ckpt.begin", step)
+    _keep_previous(d, step)
+    for name, data in blobs.items():
+        _write(d / name, data, f"ckpt.{name}", step)
+    for name in PARTS:  # a part this set does not have (e.g. EMA switched off) must not linger
+        if name not in blobs and (d / name).exists():
+            (d / name).unlink()
+    _write(d / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), "ckpt.manifest.json", step)
     return d
 
 
-def find_complete(directory: str | Path) -> tuple[Path, dict]:
-    """The newest complete set under ``directory`` (itself, else ``previous/``), with its manifest."""
+# -- loading ---------------------------------------------------------------------------------------------------
+
+
+class _Incomplete(Exception):
+    """Why a folder does not hold a complete set (one line, names the file)."""
+
+
+def _read_set(d: Path) -> tuple[dict, dict[str, bytes]]:
+    """The manifest of ``d`` and the bytes of every part it lists, each checked against its SHA-256."""
+    mpath = d / MANIFEST
+    try:
+        raw = mpath.read_bytes()
+    except FileNotFoundError:
+        raise _Incomplete(f"no {MANIFEST}") from None
+    except OSError as e:
+        raise _Incomplete(f"{MANIFEST} is unreadable ({e.strerror})") from None
+    try:
+        man = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise _Incomplete(f"{MANIFEST} is not JSON (damaged)") from None
+    ok = (
+        isinstance(man, dict)
+        and man.get("format") == FORMAT
+        and isinstance(man.get("step"), int)
+        and isinstance(man.get("files"), dict)
+        and all(n in man["files"] for n in REQUIRED)
+        and all(n in PARTS and isinstance(h, str) and _HEX64.fullmatch(h) for n, h in man["files"].items())
+    )
+    if not ok:
+        raise _Incomplete(f"{MANIFEST} is not a {FORMAT} manifest")
+    blobs = {}
+    for name, digest in man["files"].items():
+        try:
+            data = (d / name).read_bytes()
+        except FileNotFoundError:
+            raise _Incomplete(f"{name} is missing (listed in {MANIFEST})") from None
+        except OSError as e:
+            raise _Incomplete(f"{name} is unreadable ({e.strerror})") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise _Incomplete(f"{name} does not match {MANIFEST} (truncated, or changed after saving)")
+        blobs[name] = data
+    return man, blobs
+
+
+def find_complete(directory: str | Path) -> tuple[Path, dict, dict[str, bytes]]:
+    """The newest complete set under ``directory`` (itself, else ``previous/``): its folder, manifest and the
+    verified bytes of each part. Raises :class:`UserError` naming what is wrong when there is none."""
     d = Path(directory)
     if not d.exists():
         raise UserError(f"checkpoint {d}: no such folder")
     if not d.is_dir():
         raise UserError(f"checkpoint {d}: not a folder (pass the folder that holds model.safetensors)")
-    for cand in (d, d / "previous", d / "previous.tmp"):
-        man = _is_complete(cand)
-        if man is not None:
-            if cand != d:
-                print(f"warning: {d} holds an incomplete checkpoint; using the complete one in {cand} (step {man['step']})")
-            return cand, man
-    if not (d / MANIFEST).exists() and not (d / "model.safetensors").exists():
-        raise UserError(f"checkpoint {d}: no model.safetensors or {MANIFEST} (train first, or pass the right --checkpoint)")
-    raise UserError(f"checkpoint {d}: damaged (a file does not match {d / MANIFEST}) and no complete previous set")
+    try:
+        man, blobs = _read_set(d)
+        return d, man, blobs
+    except _Incomplete as e:
+        why = str(e)
+    prev = d / "previous"
+    if prev.is_dir():
+        try:
+            man, blobs = _read_set(prev)
+        except _Incomplete:
+            pass
+        else:
+            print(
+                f"warning: checkpoint {d} is incomplete ({why}); using the complete set in {prev} (step {man['step']})",
+                file=sys.stderr,
+            )
+            return prev, man, blobs
+    if why == f"no {MANIFEST}":
+        if not any((d / n).exists() for n in PARTS):
+            raise UserError(
+                f"checkpoint {d}: no checkpoint here (no {MANIFEST}, no model.safetensors); train first or pass the right --checkpoint"
+            )
+        raise UserError(
+            f"checkpoint {d}: no {MANIFEST}, so not a complete checkpoint (an interrupted first save, or not a fastflow checkpoint)"
+        )
+    tail = "; previous/ holds no complete set either" if prev.exists() else "; no previous/ set to fall back on"
+    raise UserError(f"checkpoint {d}: {why}{tail}")
 
 
 @dataclasses.dataclass
@@ -145,41 +236,113 @@ class Checkpoint:
     step: int
 
 
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+def _parse_weights(path: Path, data: bytes) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+        weights = load_safetensors(data)
+    except Exception as e:  # safetensors raises several types for a bad header; all mean "not ours"
+        raise UserError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    if not weights:
+        raise UserError(f"{path}: holds no tensors")
+    return weights
+
+
+def _first_line(e: BaseException, n: int = 160) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:n]
+
+
+def _load_error(e: BaseException) -> str:
+    """The informative line of a ``torch.load(weights_only=True)`` refusal (its first line is a generic note)."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        return "it holds more than tensors and plain values: " + text.split(marker, 1)[1].strip().splitlines()[0][:160]
+    if "PytorchStreamReader" in text or isinstance(e, EOFError):
+        return "truncated or damaged: not a complete torch file"
+    return _first_line(e)
+
+
+def _check_fits(d: Path, cfg: ModelConfig, parts: dict[str, dict[str, torch.Tensor] | None]) -> None:
+    """Every weights file has exactly the tensors (names, shapes) of ``UNet(cfg)``: a one-line error otherwise."""
+    with torch.device("meta"):  # shapes only, no memory
+        want = {k: tuple(v.shape) for k, v in UNet(cfg).state_dict().items()}
+    for name, weights in parts.items():
+        if weights is None:
+            continue
+        got = {k: tuple(v.shape) for k, v in weights.items()}
+        if got == want:
+            continue
+        missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        shapes = [f"{k} {got[k]} not {want[k]}" for k in sorted(want.keys() & got.keys()) if got[k] != want[k]]
+        what = "; ".join(
+            x
+            for x in (
+                f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
+                f"{len(shapes)} of another shape (e.g. {shapes[0]})" if shapes else "",
+            )
+            if x
+        )
+        raise UserError(f"checkpoint {d}: {name} weights do not match its config.json ({what})")
+
+
+def _check_model_cfg(path: Path, cfg: ModelConfig) -> None:
+    ints = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "channels"}
+    bad = [k for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0]
+    ch = cfg.channels
+    if not ch or len(ch) > 3 or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in ch):
+        bad.append("channels")
+    if bad:
+        raise UserError(f"{path}: invalid model config ({', '.join(f'{k}={getattr(cfg, k)!r}' for k in bad)})")
 
 
 def load_checkpoint(directory: str | Path, with_state: bool = True) -> Checkpoint:
-    """Read a checkpoint without running any code from it."""
-    d, man = find_complete(directory)
+    """Read a checkpoint without running any code from it; every problem is a one-line :class:`UserError`."""
+    d, man, blobs = find_complete(directory)
+    cpath = d / "config.json"
     try:
-        config = json.loads((d / "config.json").read_text())
+        config = json.loads(blobs["config.json"])
+        if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+            raise ValueError("no 'model' section")
         model_cfg = model_config_from_dict(config["model"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{d / 'config.json'}: unreadable model config ({type(e).__name__}: {e})") from None
-    weights = _load_weights(d / "model.safetensors")
-    ema = _load_weights(d / "ema.safetensors") if "ema.safetensors" in man["files"] else None
+    except UserError as e:
+        raise UserError(f"{cpath}: {e}") from None
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cpath}: unreadable model config ({_first_line(e)})") from None
+    _check_model_cfg(cpath, model_cfg)
+    weights = _parse_weights(d / "model.safetensors", blobs["model.safetensors"])
+    ema = _parse_weights(d / "ema.safetensors", blobs["ema.safetensors"]) if "ema.safetensors" in blobs else None
+    _check_fits(d, model_cfg, {"model.safetensors": weights, "ema.safetensors": ema})
     state = None
-    if with_state and "state.pt" in man["files"]:
+    if with_state and "state.pt" in blobs:
+        spath = d / "state.pt"
         try:
-            state = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-            raise UserError(f"{d / 'state.pt'}: refused ({str(e).splitlines()[0][:160]})") from None
+            with warnings.catch_warnings():  # e.g. "pickle protocol 4": the refusal below is the message
+                warnings.simplefilter("ignore")
+                state = torch.load(io.BytesIO(blobs["state.pt"]), map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError for a forbidden global, RuntimeError for a bad zip, ...
+            raise UserError(f"{spath}: refused ({_load_error(e)})") from None
+        if not isinstance(state, dict):
+            raise UserError(f"{spath}: not a fastflow training state (a {type(state).__name__}, not a dict)")
     return Checkpoint(d, model_cfg, config, weights, ema, state, int(man["step"]))
+
+
+def load_weights_into(
+    module: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path, what: str = "weights"
+) -> None:
+    """``module.load_state_dict(weights, strict=True)``, a mismatch being a one-line :class:`UserError`."""
+    try:
+        module.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise UserError(f"checkpoint {path}: {what} do not match its config.json ({detail[:200]})") from None
 
 
 def build_model(ckpt: Checkpoint, use_ema: bool = True) -> UNet:
     """A UNet from ``ckpt``'s config with its (EMA, where saved) weights; a shape mismatch is a UserError."""
     model = UNet(ckpt.model_cfg)
-    weights = ckpt.ema_weights if (use_ema and ckpt.ema_weights is not None) else ckpt.weights
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0][:160]
-        raise UserError(f"checkpoint {ckpt.path}: weights do not match its config.json ({first})") from None
+    ema = use_ema and ckpt.ema_weights is not None
+    load_weights_into(model, ckpt.ema_weights if ema else ckpt.weights, ckpt.path, "EMA weights" if ema else "weights")
     return model
 
 

