@@ -18,7 +18,7 @@ from bench.model import sample_runner, train_runner
 BATCH = 16
 # eager fp32 (the reference), eager bf16 and the compiled bf16 unit (the CPU default). Each compiled mode costs
 # an inductor compile (tens of seconds on 2 cores), so the other modes live in `python -m bench` only.
-MODES = ["eager-fp32", "eager-bf16", "compile-bf16"]
+MODES = ["eager-fp32", "eager-bf16", pytest.param("compile-bf16", marks=pytest.mark.slow)]
 
 
 def _extra(benchmark, run_images: int) -> None:

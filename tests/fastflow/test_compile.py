@@ -1,8 +1,8 @@
 """The compiled train step and sampler (fastflow.compile) against the eager ones, on CPU with the "tiny" U-Net.
 
-Inductor compiles on 2 cores take tens of seconds each, so the compiled objects are built once per module and
-shared: one fp32 step with the update in the graph (the CUDA path), one bf16 step with the CPU default (the graph
-ends at the gradients, fused AdamW updates), one sampler.
+Inductor compiles on 2 cores take minutes each, so the compiled objects are built once per module and shared:
+one fp32 step with the update in the graph (the CUDA path; traced with the aot_eager backend), one bf16 step with
+the CPU default through inductor (the graph ends at the gradients, fused AdamW updates), one inductor sampler.
 
 Tolerances, and why:
 - fp32 loss of the first step (identical weights and inputs): rtol 1e-5, float reassociation only.
@@ -11,9 +11,12 @@ Tolerances, and why:
   gradient is near zero. So the bound is on the update: every weight within 2% of the total step budget Σ lr,
   and the mean difference within 0.1% of it. A missing or doubled update, a wrong lr or a skipped EMA update
   moves weights by ~lr: 50× the bound.
-- bf16 against fp32: the network runs in bf16 (8 bits of mantissa, ~0.4% per rounding): loss rtol 2e-2; after
-  one step most weights move by ±lr either way, so the mean difference stays under 10% of lr.
+- bf16 against fp32: the network runs in bf16 (8 bits of mantissa, ~0.4% per rounding): loss rtol 2e-2. After
+  one step every weight has moved by about ±lr either way; a near-zero gradient whose sign bf16 flips makes a
+  difference of 2·lr (the bound: 2.05·lr), and the mean difference stays under 10% of lr.
 - sampler, fp32: 4 Euler steps, max |Δ| ≤ 1e-5 on images in [0, 1].
+Seen here (torch 2.14.1, 2 cores): fp32 graph path max 0.0033·Σlr, mean 4.7e-6·Σlr, losses within 3.3e-7;
+bf16 max 2.0·lr (sign flips), mean 6.2e-3·lr, first loss within 5.5e-4.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from fastflow.unet import UNet
 
 CPU = torch.device("cpu")
 TINY = ModelConfig(**PRESETS["tiny"][0])
-B = 8
+B = 4
 LRS = (1e-3, 2e-3, 3e-3)  # a changing lr: must not recompile
 
 
@@ -104,8 +107,10 @@ def compiled_fp32():
     torch._dynamo.reset()
     counters.clear()
     model, opt, ema = _parts()
-    # the update inside the graph: the one-graph path that CUDA graphs capture (the CPU default is tested below)
-    step = CompiledTrainStep(model, opt, ema, autocast(CPU, None), update="graph")
+    # The update inside the graph: the one-graph path that CUDA graphs capture. Traced by Dynamo and AOTAutograd
+    # (fullgraph, guards, recompiles: all decided there) and run without inductor's code generation, which for
+    # this graph's ~100 foreach kernels takes minutes on 2 cores; inductor itself runs in the bf16 test below.
+    step = CompiledTrainStep(model, opt, ema, autocast(CPU, None), update="graph", backend="aot_eager")
     return model, opt, ema, step
 
 
@@ -150,7 +155,7 @@ def test_compiled_bf16_step_matches_eager_fp32(eager_run):
     assert loss.dtype == torch.float32  # the loss reduction stays fp32
     torch.testing.assert_close(loss, loss_ref[0], rtol=2e-2, atol=0, msg=lambda m: f"bf16 first-step loss: {m}")
     m1, _, _, _ = _eager_steps(batches[:1], LRS[:1])
-    _assert_weights_close("bf16 weights after one step", model, m1, LRS[0], 2.0, 0.1)
+    _assert_weights_close("bf16 weights after one step", model, m1, LRS[0], 2.05, 0.1)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
 
 
