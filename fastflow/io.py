@@ -49,6 +49,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once at import: os.umask can only be read by setting it
+
+
 def atomic_save(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then fsync and rename ``tmp_path`` over ``path``.
 
@@ -63,6 +72,7 @@ def atomic_save(path: str | Path, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         try:
