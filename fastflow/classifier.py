@@ -85,7 +85,9 @@ def train_classifier(data_root: str | Path, epochs: int = 3, subset: int = 0, se
     return clf.eval(), acc
 
 
-def load_or_train_classifier(data_root: str | Path, cache: str | Path | None = None, verbose: bool = True, **kw) -> tuple[Classifier, float]:
+def load_or_train_classifier(
+    data_root: str | Path, cache: str | Path | None = None, verbose: bool = True, **kw
+) -> tuple[Classifier, float]:
     """The cached classifier in ``cache`` (default ``<data_root>/classifier``), trained on first use."""
     cache = Path(cache) if cache else Path(data_root) / "classifier"
     wpath, mpath = cache / "classifier.safetensors", cache / "classifier.json"

@@ -258,4 +258,3 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     if "channels" in d:
         d["channels"] = tuple(d["channels"])
     return ModelConfig(**d)
-

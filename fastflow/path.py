@@ -33,7 +33,9 @@ def drop_labels(y: torch.Tensor, p: float, generator: torch.Generator | None) ->
     return torch.where(drop, torch.full_like(y, NO_LABEL), y)
 
 
-def flow_matching_loss(model, z: torch.Tensor, y: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, ctx) -> torch.Tensor:
+def flow_matching_loss(
+    model, z: torch.Tensor, y: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, ctx
+) -> torch.Tensor:
     """One training loss. z, eps (B, 1, 28, 28) fp32; t (B,); y (B,) int64; ``ctx`` the autocast context.
 
     The network may run in bf16 under ``ctx``; x_t and the loss are computed in fp32 by the kernels.

@@ -123,14 +123,25 @@ def add_sampling_args(p: argparse.ArgumentParser, lists: bool = False) -> None:
         p.add_argument("--solver", default="euler", choices=SOLVERS, help="ODE solver (default: euler)")
         p.add_argument("--steps", type=int, default=None, help="solver steps (default: 10, or from --nfe)")
         p.add_argument("--nfe", type=int, default=None, help="network evaluations to spend instead of --steps")
-        p.add_argument("--guidance", type=_float, default=1.0, help="classifier-free guidance w: 1 = conditional, 0 = unconditional (default: 1)")
+        p.add_argument(
+            "--guidance",
+            type=_float,
+            default=1.0,
+            help="classifier-free guidance w: 1 = conditional, 0 = unconditional (default: 1)",
+        )
         p.add_argument("--grid", default="uniform", choices=GRIDS, help="time grid (default: uniform)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", default="none", choices=("auto", "none", "bf16"), help="network precision (default: none = fp32)")
+    p.add_argument(
+        "--amp", default="none", choices=("auto", "none", "bf16"), help="network precision (default: none = fp32)"
+    )
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA ones")
     if not lists:  # fastflow.evaluate samples eagerly: it counts NFE through GuidedField as it goes
-        p.add_argument("--compile", action="store_true", help="torch.compile the solver step (and on CUDA replay the loop as one CUDA graph); pays off for repeated or large batches")
+        p.add_argument(
+            "--compile",
+            action="store_true",
+            help="torch.compile the solver step (and on CUDA replay the loop as one CUDA graph); pays off for repeated or large batches",
+        )
 
 
 def resolve_steps(steps: int | None, nfe: int | None, solver: str, guidance: float) -> int:
@@ -178,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()
     sampler = compiled_sample if args.compile else sample  # same noise and grid; compiled: fastflow.compile
-    images, nfe = sampler(model, labels, steps, solver=args.solver, guidance=args.guidance, grid=args.grid, generator=g, ctx=ctx)
+    images, nfe = sampler(
+        model, labels, steps, solver=args.solver, guidance=args.guidance, grid=args.grid, generator=g, ctx=ctx
+    )
     synchronize(device)
     dt = time.perf_counter() - t0
 

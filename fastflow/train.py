@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a conditional flow-matching U-Net on MNIST.",
     )
     add_dataclass_args(p.add_argument_group("training"), TrainConfig)
-    add_dataclass_args(p.add_argument_group("model (override the preset)"), ModelConfig, skip=("num_classes", "in_channels"))
+    add_dataclass_args(
+        p.add_argument_group("model (override the preset)"), ModelConfig, skip=("num_classes", "in_channels")
+    )
     return p
 
 
@@ -81,7 +83,9 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10) -> Path:
 
 def write_loss_history(rows: list[list[float]], result_dir: Path) -> None:
     """``loss.csv`` (step, epoch, loss, lr, images/s) and ``loss.png``."""
-    lines = ["step,epoch,loss,lr,images_per_s"] + [f"{int(s)},{int(e)},{loss:.6f},{lr:.3e},{ips:.1f}" for s, e, loss, lr, ips in rows]
+    lines = ["step,epoch,loss,lr,images_per_s"] + [
+        f"{int(s)},{int(e)},{loss:.6f},{lr:.3e},{ips:.1f}" for s, e, loss, lr, ips in rows
+    ]
     atomic_write_text(result_dir / "loss.csv", "\n".join(lines) + "\n")
     if len(rows) < 2:
         return
