@@ -11,6 +11,13 @@ gradients and torch's fused AdamW does the update, see ``update``). Two things m
   stays in ``opt.state`` in AdamW's layout, so ``opt.state_dict()`` checkpoints and resumes as before, and an
   eager run can resume a compiled one and back.
 
+Under torchrun the model comes wrapped in DistributedDataParallel, whose gradient all-reduce hooks into
+``loss.backward()`` and so never sees ``torch.autograd.grad``. The step therefore runs the unwrapped network and
+averages the gradients itself, as one flat bucket: inside the graph through the traceable functional collective
+(``update="graph"``, the CUDA path, also under CUDA graphs) or with ``torch.distributed.all_reduce`` right after
+the compiled gradients (``update="eager"``, the CPU path). Parameters start equal on every rank (DDP broadcasts
+rank 0's at wrap time), so equal averaged gradients keep them equal.
+
 The learning rate and the EMA weight are 0-d tensors written before each call, so a schedule never recompiles.
 Randomness (t, ε, dropped labels) is drawn by the caller from its checkpointed generator, outside the graph, so
 a compiled run consumes exactly the random numbers an eager one does. Nothing in the step reads a value back to
@@ -35,6 +42,7 @@ from .errors import UserError
 from .solvers import STAGES, GuidedField, integrate, time_grid
 
 __all__ = [
+    "inductor_options",
     "make_optimizer",
     "train_step_for",
     "init_adamw_state",
@@ -44,12 +52,23 @@ __all__ = [
 ]
 
 
+def inductor_options(device: torch.device, **more) -> dict | None:
+    """Inductor settings per device. On CPU, ``layout_optimization`` off: inductor otherwise turns every
+    convolution channels-last ("always ... for better performance" with mkldnn), and on this 2-core EPYC the
+    mkldnn bf16 convolutions of the U-Net's 16-64 channels run 1.66x slower channels-last (eager bf16 train step,
+    batch 128: 275 images per CPU-second NCHW, 166 channels-last), which made compiling a loss."""
+    opts = dict(more)
+    if device.type == "cpu":
+        opts["layout_optimization"] = False
+    return opts or None
+
+
 def make_optimizer(params, lr: float, weight_decay: float, device: torch.device, compiled: bool) -> torch.optim.AdamW:
     """AdamW for the eager or the compiled step.
 
     Compiled on CUDA: foreach and ``capturable`` (the update runs inside the captured graph; the step counters
     live on the GPU, and a loaded state_dict is placed the same way). Everywhere else: torch's fused kernel
-    (on this 2-core CPU 2.4 ms per step for the ``cpu`` preset's 2.27 M parameters, foreach 8.4 ms).
+    (on the 2-core CPU here 2.4 ms per step for 2.27 M parameters, foreach 8.4 ms).
     """
     if compiled and device.type == "cuda":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True, capturable=True)
@@ -108,11 +127,31 @@ def train_step_for(cfg, model: nn.Module, opt, ema: EMA | None, ctx, device: tor
     return CompiledTrainStep(model, opt, ema, ctx, cuda_graphs=cfg.cuda_graphs)
 
 
+def _average_over_ranks(grads, group, traced: bool) -> list[torch.Tensor]:
+    """The mean of each gradient over the ranks of ``group``: one all-reduce of one flat fp32 bucket.
+
+    ``traced``: through ``torch.distributed._functional_collectives`` (functional, so Dynamo puts it in the
+    graph); otherwise the usual in-place ``all_reduce`` (gloo has no AVG, hence the sum and the division)."""
+    import torch.distributed as tdist
+
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    n = tdist.get_world_size(group)
+    if traced:
+        import torch.distributed._functional_collectives as funcol
+
+        flat = funcol.all_reduce(flat, "sum", group)
+    else:
+        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, group=group)
+    flat = flat / n
+    return [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
+
+
 class CompiledTrainStep:
     """``step(z, y, t, eps, lr) -> loss``: one AdamW step (and EMA update) with the network compiled.
 
     Args:
-        model: the network v_θ(x, t, y) whose parameters ``opt`` updates.
+        model: the network v_θ(x, t, y) whose parameters ``opt`` updates, or that network in
+            DistributedDataParallel (torchrun): then the step averages the gradients over its process group.
         opt: a ``torch.optim.AdamW`` (see :func:`make_optimizer`); its state stays in ``opt.state``.
         ema: the :class:`~fastflow.ema.EMA` to update after the step, or None. Its decay schedule
             (``ema.updates``) advances on the host, a Python int, as in the eager step.
@@ -123,10 +162,11 @@ class CompiledTrainStep:
             capturable), so forward, backward and update are one graph, which CUDA graphs need. ``"eager"``: the
             graph ends at the gradients and the update runs as torch's fused AdamW kernel and a foreach lerp.
             (Torch's fused AdamW cannot go inside a graph: it is ``torch.compiler.disable``d.)
-            ``None`` picks ``"graph"`` on CUDA and ``"eager"`` elsewhere: on the 2-core CPU the train step is
-            ~83% convolutions (mkldnn, near the bf16 peak, the same kernels compiled or not) and the update
-            ~0.1% either way (fused AdamW 2.4 ms per step), while the in-graph update adds ~100 small kernels to
-            compile and, on a CPU shared with other jobs, ~100 OpenMP barriers per step.
+            ``None`` picks ``"graph"`` on CUDA and ``"eager"`` elsewhere: on the 2-core CPU the bf16 train step
+            is 76-83% mkldnn convolutions (the same kernels compiled or not) and the update under 1% either way
+            (fused AdamW: 2.4 ms for 2.27 M parameters), while the in-graph update doubles the compile time
+            (a tiny U-Net: 261 s against 131 s) with ~100 more kernels, and on a CPU shared with other jobs each
+            of their OpenMP barriers waits for a descheduled thread.
 
         backend: the torch.compile backend; tests trace the whole graph with ``"aot_eager"`` (Dynamo and
             AOTAutograd, no code generation), which is seconds instead of minutes.
@@ -146,6 +186,11 @@ class CompiledTrainStep:
         update: str | None = None,
         backend: str = "inductor",
     ):
+        # DDP: run the plain network and average the gradients here (see the module docstring).
+        self.process_group = None
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            self.process_group = model.process_group
+            model = model.module
         self.model, self.opt, self.ema = model, opt, ema
         self.backend = backend
         self.ctx = ctx if ctx is not None else contextlib.nullcontext()
@@ -168,9 +213,6 @@ class CompiledTrainStep:
         return self.opt.state.get(p, {}).get("exp_avg") is not g["exp_avgs"][0]
 
     def _build(self) -> None:
-        if isinstance(self.model, nn.parallel.DistributedDataParallel):
-            # autograd.grad inside the graph bypasses DDP's gradient all-reduce
-            raise UserError("--compile with several processes (torchrun) is not supported yet; drop --compile")
         init_adamw_state(self.opt)
         self._groups = groups = _adamw_groups(self.opt)
         params = [p for g in groups for p in g["params"]]
@@ -185,8 +227,12 @@ class CompiledTrainStep:
             loss = fm.flow_matching_loss(model, z, y, t, eps, ctx)  # 0-d fp32
             return loss.detach(), torch.autograd.grad(loss, params)
 
+        pg = self.process_group
+
         def step(z, y, t, eps, lr, ema_w):
             loss, gs = grads(z, y, t, eps)
+            if pg is not None:
+                gs = _average_over_ranks(gs, pg, traced=True)
             with torch.no_grad():
                 i = 0
                 for g in groups:
@@ -217,7 +263,7 @@ class CompiledTrainStep:
             return loss
 
         if self.update == "eager":
-            self._fn = torch.compile(grads, fullgraph=True, backend=self.backend)
+            self._fn = torch.compile(grads, fullgraph=True, backend=self.backend, options=self._options())
             return
         if self.cuda_graphs:
             statics = [self._lr, self._ema_w, *ema_params, *(be for be, _ in ema_buffers)]
@@ -225,8 +271,13 @@ class CompiledTrainStep:
                 statics += [*g["params"], *g["exp_avgs"], *g["exp_avg_sqs"], *g["max_exp_avg_sqs"], *g["steps"]]
             for s in statics:
                 torch._dynamo.mark_static_address(s)
-        mode = "reduce-overhead" if self.cuda_graphs else None
-        self._fn = torch.compile(step, fullgraph=True, backend=self.backend, mode=mode)
+        if self.cuda_graphs:  # CUDA only, where inductor_options adds nothing (mode and options are exclusive)
+            self._fn = torch.compile(step, fullgraph=True, backend=self.backend, mode="reduce-overhead")
+        else:
+            self._fn = torch.compile(step, fullgraph=True, backend=self.backend, options=self._options())
+
+    def _options(self) -> dict | None:
+        return inductor_options(self._lr.device) if self.backend == "inductor" else None
 
     def __call__(self, z: torch.Tensor, y: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, lr: float) -> torch.Tensor:
         if self._fn is None or self._stale():
@@ -234,6 +285,8 @@ class CompiledTrainStep:
         if self.update == "eager":
             with torch._dynamo.config.patch(trace_autograd_ops=True):
                 loss, gs = self._fn(z, y, t, eps)
+            if self.process_group is not None:
+                gs = _average_over_ranks(gs, self.process_group, traced=False)
             for p, g in zip((p for grp in self._groups for p in grp["params"]), gs):
                 p.grad = g
             for grp in self.opt.param_groups:
@@ -259,7 +312,8 @@ class CompiledSampler:
     agree up to the compiler's floating-point reassociation (the ODE state is fp32 in both).
 
     Args:
-        model: v_θ(x, t, y); its weights must not change while a captured CUDA graph or a frozen compile is in use.
+        model: v_θ(x, t, y). Compiled and captured code reads its weights in place (in-place updates are seen,
+            replaced tensors are not), except with ``freeze``.
         solver, guidance, grid: as in :func:`fastflow.solvers.sample`.
         ctx: autocast context for the network.
         cuda_graphs: capture the whole loop as one CUDA graph per (batch, steps) (CUDA only; ignored elsewhere).
@@ -277,7 +331,6 @@ class CompiledSampler:
         ctx=None,
         cuda_graphs: bool = True,
         freeze: bool = False,
-        compile: bool = True,
     ):
         if solver not in STAGES:
             raise ValueError(f"unknown solver {solver!r}")
@@ -291,16 +344,23 @@ class CompiledSampler:
             field = GuidedField(self.model, labels, self.guidance, self.ctx)
             return integrate(field, x, torch.stack((t0, t1)), self.solver)
 
-        opts = {"freezing": True} if freeze else None
-        self._step = torch.compile(step, fullgraph=True, options=opts) if compile else step
+        self._step_fn, self._freeze = step, freeze
+        self._step: Callable | None = None  # compiled at the first call, when the device is known
+
+    def _stepper(self, device: torch.device) -> Callable:
+        if self._step is None:
+            opts = inductor_options(device, **({"freezing": True} if self._freeze else {}))
+            self._step = torch.compile(self._step_fn, fullgraph=True, options=opts)
+        return self._step
 
     def nfe(self, steps: int) -> int:
         """Network evaluations per image for ``steps`` steps (what GuidedField would count)."""
         return steps * STAGES[self.solver] * (1 if self.guidance in (0.0, 1.0) else 2)
 
     def _loop(self, x: torch.Tensor, labels: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        step = self._stepper(x.device)
         for i in range(len(ts) - 1):
-            x = self._step(x, labels, ts[i], ts[i + 1])
+            x = step(x, labels, ts[i], ts[i + 1])
         return x
 
     def _graph(self, labels: torch.Tensor, steps: int, shape: tuple[int, ...]):

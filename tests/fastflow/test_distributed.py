@@ -72,6 +72,67 @@ sys.exit(train.main(sys.argv[2:]))
 """
 
 
+# --compile under torchrun: fastflow.compile.CompiledTrainStep on a DDP-wrapped model averages the gradients
+# itself (DDP's hooks never see torch.autograd.grad). Two ranks each take half of a global batch of 8 through the
+# compiled step (traced by Dynamo + AOTAutograd, backend aot_eager: no minutes of C++ code generation); rank 0
+# also runs the eager single-process step on the whole batch as the reference.
+COMPILED_HARNESS = """
+import os, sys
+import torch
+import torch.distributed as tdist
+from fastflow import path as fm
+from fastflow.compile import CompiledTrainStep, make_optimizer
+from fastflow.config import PRESETS, ModelConfig
+from fastflow.device import autocast
+from fastflow.ema import EMA
+from fastflow.unet import UNet
+
+out, update = sys.argv[1], sys.argv[2]
+tdist.init_process_group("gloo")
+rank, world = tdist.get_rank(), tdist.get_world_size()
+cpu, ctx, lrs, B = torch.device("cpu"), autocast(torch.device("cpu"), None), (1e-3, 2e-3), 8
+
+
+def parts():
+    torch.manual_seed(0)
+    model = UNet(ModelConfig(**PRESETS["tiny"][0]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-zero everywhere (conv_out starts at zero)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model, make_optimizer(model.parameters(), 1e-3, 0.01, cpu, compiled=True), EMA(model, 0.999, 10)
+
+
+g = torch.Generator().manual_seed(1)
+batches = [(torch.rand(B, 1, 28, 28, generator=g) * 2 - 1, torch.randint(0, 11, (B,), generator=g),
+            torch.rand(B, generator=g), torch.randn(B, 1, 28, 28, generator=g)) for _ in lrs]
+model, opt, ema = parts()
+if rank == 1:  # a different start on rank 1: DDP's broadcast at wrap time must make it rank 0's
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+start = {k: v.clone() for k, v in model.state_dict().items()}
+step = CompiledTrainStep(ddp, opt, ema, ctx, update=update, backend="aot_eager")
+lo, hi = rank * B // world, (rank + 1) * B // world
+losses = [step(*(x[lo:hi] for x in b), lr) for b, lr in zip(batches, lrs)]
+rec = {"weights": {k: v.clone() for k, v in model.state_dict().items()},
+       "ema": {k: v.clone() for k, v in ema.shadow.state_dict().items()}, "losses": torch.stack(losses), "start": start}
+if rank == 0:
+    ref, ref_opt, ref_ema = parts()
+    for (z, y, t, eps), lr in zip(batches, lrs):
+        for grp in ref_opt.param_groups:
+            grp["lr"] = lr
+        fm.flow_matching_loss(ref, z, y, t, eps, ctx).backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        ref_ema.update(ref)
+    rec["ref"] = {k: v.clone() for k, v in ref.state_dict().items()}
+    rec["ref_ema"] = {k: v.clone() for k, v in ref_ema.shadow.state_dict().items()}
+torch.save(rec, os.path.join(out, f"{update}-rank{rank}.pt"))
+tdist.destroy_process_group()
+"""
+
+
 def _launch(nproc: int) -> list[str]:
     if nproc == 1:  # the plain single-process command: no torchrun, no process group
         return [sys.executable]
@@ -254,3 +315,28 @@ def test_failure_on_one_rank_ends_the_job(tmp_path, mnist_root, cli_env):
     assert "injected failure on rank 1 at step 2" in root_cause, out[-4000:]
     assert elapsed < 120, f"the job took {elapsed:.0f} s to end after one rank failed"
     assert not list((tmp_path / "out").iterdir()), "a rank finished training although its peer had failed"
+
+
+@pytest.mark.parametrize("update", ["eager", "graph"])
+def test_compiled_step_under_ddp_matches_one_process(tmp_path, cli_env, update):
+    """``--compile`` under torchrun: the compiled step averages the gradients over the ranks (CPU path: after the
+    graph, ``update="eager"``; CUDA path: inside it, ``update="graph"``), so 2 ranks at half the batch each end
+    where one eager process ends on the whole batch, and the ranks stay bit-identical.
+
+    Tolerance: AdamW moves each weight by ~lr per step whatever the gradient's size, so the bound is on the update
+    (as in test_compile.py): max |Δθ| within 2% of Σlr. Gradients that were never averaged, or averaged twice, move
+    the weights by ~lr (the half-batch gradient of one rank is not the global one): 50× the bound."""
+    harness = tmp_path / "harness.py"
+    harness.write_text(COMPILED_HARNESS)
+    p = _run([*_launch(2), str(harness), str(tmp_path), update], cli_env)
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    r0, r1 = (torch.load(tmp_path / f"{update}-rank{r}.pt", weights_only=True) for r in (0, 1))
+    _assert_equal(r0["weights"], r1["weights"], "rank 0 vs rank 1 weights")
+    _assert_equal(r0["ema"], r1["ema"], "rank 0 vs rank 1 EMA")
+    budget = 1e-3 + 2e-3
+    for got, want, what in ((r0["weights"], r0["ref"], "weights"), (r0["ema"], r0["ref_ema"], "EMA")):
+        worst = max(float((got[k] - want[k]).abs().max()) for k in want)
+        assert worst <= 0.02 * budget, f"{what}: max |Δθ| {worst:.3g} vs one process, bound {0.02 * budget:.3g}"
+    # not vacuous: the steps moved the weights by about Σlr, 50× the bound
+    moved = max(float((r0["ref"][k] - r0["start"][k]).abs().max()) for k in r0["ref"])
+    assert moved > 0.5 * budget, f"the reference moved only {moved:.3g}"
