@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import kernels
+from fastflow.errors import ArgumentParser
 from kernels import reference
 
 __all__ = ["OPS", "PROVIDERS", "bytes_per_element", "measure", "run", "markdown_table", "main"]
@@ -303,7 +304,7 @@ def speedups(rows: list[dict], n: int) -> list[str]:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench kernels", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m bench kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--min-log2", type=int, default=12, help="smallest N = 2^k (default 12)")
     p.add_argument("--max-log2", type=int, default=None, help="largest N = 2^k (default 26 on CUDA, 20 on CPU)")

@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastflow.errors import ArgumentParser
+
 __all__ = [
     "MODES",
     "Mode",
@@ -81,13 +83,14 @@ def skip_reason(suite: str, mode: str, batch: int, device_type: str) -> str | No
 # -- the measured functions (shared with tests/bench) ------------------------------------------------------------
 
 
-def _configs(preset: str, device_type: str):
+def _configs(preset: str, device_type: str, model: dict | None = None):
+    """(preset name, ModelConfig, training overrides); ``model`` overrides the preset's model fields."""
     from fastflow.config import PRESETS, ModelConfig
 
     if preset == "auto":
         preset = "original" if device_type == "cuda" else "cpu"
     model_over, train_over = PRESETS[preset]
-    return preset, ModelConfig(**model_over), dict(train_over)
+    return preset, ModelConfig(**{**model_over, **(model or {})}), dict(train_over)
 
 
 def train_runner(
@@ -98,6 +101,7 @@ def train_runner(
     device: str = "auto",
     data_root: str = "data",
     workdir: str | None = None,
+    model: dict | None = None,
 ) -> tuple[Callable[[], object], dict]:
     """One training-loop iteration per call (fetch a batch, draw t/ε/labels, Trainer.train_step); returns
     ``(run, info)``. ``run()`` returns the step's loss (a 0-d tensor, not synchronised)."""
@@ -109,7 +113,7 @@ def train_runner(
 
     m = MODES[mode]
     dev = resolve_device(device)
-    preset, mcfg, train_over = _configs(preset, dev.type)
+    preset, mcfg, train_over = _configs(preset, dev.type, model)
     workdir = workdir or tempfile.mkdtemp(prefix="fastflow-bench-")
     cfg = TrainConfig(
         **{
@@ -183,7 +187,7 @@ def _baseline_batches(data_root: str, batch: int, seed: int, num_workers: int):
 
 
 def sample_runner(
-    mode: str, batch: int, *, preset: str = "auto", device: str = "auto", seed: int = 0
+    mode: str, batch: int, *, preset: str = "auto", device: str = "auto", seed: int = 0, model: dict | None = None
 ) -> tuple[Callable[[int], object], dict]:
     """``run(steps)`` draws ``batch`` images with ``steps`` Euler steps (1 NFE each) and returns them
     ([B, 1, 28, 28] fp32 in [0, 1]). The model is a freshly initialised U-Net of the preset's shape (speed does
@@ -197,7 +201,7 @@ def sample_runner(
 
     m = MODES[mode]
     dev = resolve_device(device)
-    preset, mcfg, _ = _configs(preset, dev.type)
+    preset, mcfg, _ = _configs(preset, dev.type, model)
     torch.manual_seed(seed)
     model = UNet(mcfg).to(dev).eval().requires_grad_(False)
     if m.channels_last:
@@ -267,6 +271,8 @@ def measure(fn: Callable[[], object], device, warmup: int, iters: int) -> dict:
         "cpu_s": statistics.median(cpu),
         "compile_s": max(0.0, first - med),
         "recompiles_timed": counters["stats"]["unique_graphs"] - graphs_before,
+        # graphs inductor took from its on-disk cache: then compile_s is a cache load, not a compilation
+        "fx_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
         "finite": finite,
     }
 
@@ -299,11 +305,18 @@ def run_row(spec: dict) -> list[dict]:
     t_build = time.perf_counter()
     rows = []
     if suite == "train":
-        run, info = train_runner(mode, batch, preset=spec["preset"], device=spec["device"], data_root=spec["data_root"])
+        run, info = train_runner(
+            mode,
+            batch,
+            preset=spec["preset"],
+            device=spec["device"],
+            data_root=spec["data_root"],
+            model=spec.get("model"),
+        )
         r = measure(run, info["device"], spec["warmup"], spec["iters"])
         rows.append({**base, "nfe": None, "steps": 1, **r})
     else:
-        run, info = sample_runner(mode, batch, preset=spec["preset"], device=spec["device"])
+        run, info = sample_runner(mode, batch, preset=spec["preset"], device=spec["device"], model=spec.get("model"))
         for nfe in spec["nfe"]:
             r = measure(lambda n=nfe: run(n), info["device"], spec["warmup"], spec["iters"])
             rows.append({**base, "nfe": nfe, "steps": nfe, **r})
@@ -312,6 +325,7 @@ def run_row(spec: dict) -> list[dict]:
     common = {
         "preset": info["preset"],
         "channels": list(info["model"].channels),
+        "emb_dim": info["model"].emb_dim,
         "device": dev.type,
         "device_name": device_name(dev),
         "threads": torch.get_num_threads(),
@@ -335,8 +349,9 @@ def run_row(spec: dict) -> list[dict]:
 
 COLUMNS = [
     "suite", "mode", "batch", "nfe", "images_per_s", "images_per_s_q20", "images_per_s_q80", "ms_per_step",
-    "compile_s", "first_call_s", "images_per_cpu_s", "recompiles_timed", "peak_rss_mb", "torch_peak_mb",
-    "nvml_used_mb", "loadavg_1m", "status", "preset", "device", "device_name", "threads", "torch", "triton",
+    "compile_s", "first_call_s", "fx_cache_hits", "images_per_cpu_s", "recompiles_timed", "peak_rss_mb", "torch_peak_mb",
+    "nvml_used_mb", "loadavg_1m", "status", "preset", "channels", "emb_dim", "device", "device_name", "threads",
+    "torch", "triton",
 ]  # fmt: skip
 
 
@@ -370,7 +385,10 @@ def markdown_table(rows: list[dict]) -> str:
                 _fmt(r["ms_per_step"]),
                 _fmt(r["compile_s"]) if MODES.get(r["mode"], Mode()).compile else "–",
                 mem if isinstance(mem, str) else _fmt(mem, 0),
-                "" if not r.get("recompiles_timed") else f"{r['recompiles_timed']} recompiles while timed",
+                "; ".join(
+                    ([f"{r['recompiles_timed']} recompiles while timed"] if r.get("recompiles_timed") else [])
+                    + (["compile s: from inductor's disk cache"] if r.get("fx_cache_hits") else [])
+                ),
             ]
         else:
             cells += ["–"] * 5 + [r.get("status", "")]
@@ -421,7 +439,7 @@ def build_parser(suite: str) -> argparse.ArgumentParser:
     from fastflow.config import parse_int_list
 
     train = suite == "train"
-    p = argparse.ArgumentParser(prog=f"python -m bench {suite}", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=f"python -m bench {suite}", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-sizes", type=parse_int_list, default=(32, 64, 128, 256, 512))
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)} (default: all)")
     p.add_argument("--nfe", type=parse_int_list, default=(10, 20, 50), help="sampling: NFE per row (Euler: steps)")
@@ -431,6 +449,8 @@ def build_parser(suite: str) -> argparse.ArgumentParser:
         choices=("auto", "original", "cpu", "tiny"),
         help="model size (auto: cpu on CPU, original on CUDA)",
     )
+    p.add_argument("--channels", type=parse_int_list, default=None, help="override the preset's U-Net widths")
+    p.add_argument("--emb-dim", type=int, default=None, help="override the preset's embedding width")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--iters", type=int, default=10 if train else 3, help="timed iterations per row")
     p.add_argument("--warmup", type=int, default=3 if train else 1, help="untimed calls first (the first one compiles)")
@@ -481,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         ).stdout.strip()
     except OSError:  # pragma: no cover - git missing
         pass
+    model_over = {k: v for k, v in (("channels", args.channels), ("emb_dim", args.emb_dim)) if v is not None}
     rows: list[dict] = []
     slug = (
         "cpu"
@@ -501,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = {
                 "suite": suite, "mode": mode, "batch": batch, "preset": args.preset, "device": dev.type,
                 "data_root": args.data_root, "warmup": args.warmup, "iters": args.iters, "nfe": list(args.nfe),
-                "threads": args.threads,
+                "threads": args.threads, "model": model_over,
             }  # fmt: skip
             t0 = time.perf_counter()
             if args.in_process:

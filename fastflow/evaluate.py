@@ -137,6 +137,7 @@ def plan_settings(solvers, grids, guidances, nfes=None, steps=None) -> tuple[lis
         if v <= 0:
             raise UserError(f"{flag} must be > 0, got {v}")
     run, skipped = [], []
+    seen: dict[tuple, int] = {}  # (grid, guidance, solver, steps) -> the first NFE budget that ran it
     for grid, w, solver, n in itertools.product(grids, guidances, solvers, nfes or steps):
         s = {"solver": solver, "grid": grid, "guidance": float(w)}
         if nfes is None:
@@ -148,7 +149,12 @@ def plan_settings(solvers, grids, guidances, nfes=None, steps=None) -> tuple[lis
             skipped.append(
                 {**s, "nfe_budget": n, "reason": f"one {solver} step costs {cost} NFE at guidance {float(w):g} > {n}"}
             )
+        elif (grid, float(w), solver, k) in seen:  # e.g. midpoint at 8 and 10 NFE: both 4 steps
+            skipped.append(
+                {**s, "nfe_budget": n, "reason": f"the same {k} steps as at {seen[grid, float(w), solver, k]} NFE"}
+            )
         else:
+            seen[grid, float(w), solver, k] = n
             run.append({**s, "nfe_budget": n, "steps": k})
     return run, skipped
 

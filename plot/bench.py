@@ -65,7 +65,8 @@ def draw(result: Path, out_dir: Path = HERE) -> Path | None:
         return None
     suite = data["suite"]
     first = rows[0]
-    title = f"{suite}: {first['device_name']}, preset {first['preset']}, torch {first['torch']}"
+    widths = f" {tuple(first['channels'])}" if first.get("channels") else ""
+    title = f"{suite}: {first['device_name']}, preset {first['preset']}{widths}, torch {first['torch']}"
     nfes = sorted({r["nfe"] for r in rows if r.get("nfe") is not None})
     panels = [(f"images/s at {n} NFE", lambda r, n=n: r["images_per_s"] if r.get("nfe") == n else None) for n in nfes]
     if not panels:

@@ -29,6 +29,13 @@ def test_plan_by_nfe_budget_skips_what_does_not_fit():
     assert "8 NFE" in skipped[0]["reason"]
 
 
+def test_plan_skips_a_budget_that_rounds_to_steps_already_planned():
+    # midpoint costs 2 NFE a step: 8 and 9 NFE are both 4 steps; the row is run once, under the smaller budget
+    run, skipped = plan_settings(["midpoint"], ["uniform"], [1.0], nfes=[8, 9, 10])
+    assert [(s["nfe_budget"], s["steps"]) for s in run] == [(8, 4), (10, 5)]
+    assert [(s["nfe_budget"], s["reason"]) for s in skipped] == [(9, "the same 4 steps as at 8 NFE")]
+
+
 def test_plan_by_steps_and_defaults():
     run, skipped = plan_settings(["heun"], ["uniform", "quadratic"], [0.0], steps=[3, 5])
     assert [(s["grid"], s["steps"], s["nfe_budget"]) for s in run] == [
