@@ -60,6 +60,7 @@ class Mode:
 MODES: dict[str, Mode] = {
     "eager-fp32": Mode(),
     "eager-bf16": Mode(amp="bf16"),
+    "eager-bf16-channels-last": Mode(amp="bf16", channels_last=True),
     "compile": Mode(compile=True),
     "compile-bf16": Mode(compile=True, amp="bf16"),
     "compile-bf16-cudagraphs": Mode(compile=True, amp="bf16", cuda_graphs=True),

@@ -22,6 +22,7 @@ STYLE = {  # mode -> (colour, marker); modes not listed get matplotlib's cycle
     "seed-baseline": ("tab:gray", "x"),
     "eager-fp32": ("tab:blue", "o"),
     "eager-bf16": ("tab:cyan", "o"),
+    "eager-bf16-channels-last": ("tab:green", "^"),
     "compile": ("tab:orange", "s"),
     "compile-bf16": ("tab:red", "s"),
     "compile-bf16-cudagraphs": ("tab:purple", "D"),
