@@ -13,8 +13,9 @@ import kernels
 
 @pytest.fixture
 def gen() -> torch.Generator:
-    """Fresh random inputs each run; the seed is printed so pytest shows it with a failure."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """Fresh random inputs each run; the seed is printed so pytest shows it with a failure, and
+    ``FASTFLOW_TEST_SEED=<seed>`` replays it."""
+    seed = int(os.environ.get("FASTFLOW_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     print(f"input seed = {seed}")
     return torch.Generator().manual_seed(seed)
 
