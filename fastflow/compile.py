@@ -39,7 +39,7 @@ from torch import nn
 from . import path as fm
 from .ema import EMA, ema_decay_at
 from .errors import UserError
-from .solvers import STAGES, GuidedField, integrate, time_grid
+from .solvers import STAGES, GuidedField, initial_noise, integrate, nfe_per_step, time_grid, to_unit
 
 __all__ = [
     "inductor_options",
@@ -355,7 +355,7 @@ class CompiledSampler:
 
     def nfe(self, steps: int) -> int:
         """Network evaluations per image for ``steps`` steps (what GuidedField would count)."""
-        return steps * STAGES[self.solver] * (1 if self.guidance in (0.0, 1.0) else 2)
+        return steps * nfe_per_step(self.solver, self.guidance)
 
     def _loop(self, x: torch.Tensor, labels: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
         step = self._stepper(x.device)
@@ -392,7 +392,7 @@ class CompiledSampler:
     ) -> tuple[torch.Tensor, int]:
         """Draw ``len(labels)`` images: ``(images [B, 1, 28, 28] fp32 in [0, 1], NFE per image)``."""
         device = labels.device
-        x = torch.randn((len(labels), *shape), generator=generator, device=device, dtype=torch.float32)
+        x = initial_noise(labels, shape, generator)
         if self.cuda_graphs and device.type == "cuda":
             graph, static_x, static_labels, out = self._graph(labels, steps, tuple(shape))
             static_x.copy_(x)
@@ -401,7 +401,7 @@ class CompiledSampler:
             x = out.clone()  # the graph owns `out`; the next replay overwrites it
         else:
             x = self._loop(x, labels, time_grid(steps, self.grid, device))
-        return x.clamp_(-1.0, 1.0).add_(1.0).mul_(0.5), self.nfe(steps)
+        return to_unit(x), self.nfe(steps)
 
 
 def compiled_sample(

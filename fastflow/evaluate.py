@@ -50,7 +50,7 @@ from .errors import ArgumentParser, UserError, cli
 from .fid import feature_stats, frechet_distance
 from .io import atomic_write_json, check_writable
 from .sample import add_sampling_args
-from .solvers import STAGES, sample, steps_for_nfe
+from .solvers import nfe_per_step, sample, steps_for_nfe
 
 __all__ = [
     "generate",
@@ -145,7 +145,7 @@ def plan_settings(solvers, grids, guidances, nfes=None, steps=None) -> tuple[lis
             continue
         k = steps_for_nfe(n, solver, w)
         if k == 0:
-            cost = STAGES[solver] * (1 if float(w) in (0.0, 1.0) else 2)
+            cost = nfe_per_step(solver, w)
             skipped.append(
                 {**s, "nfe_budget": n, "reason": f"one {solver} step costs {cost} NFE at guidance {float(w):g} > {n}"}
             )
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cost(s: dict) -> int:
     """Network evaluations per image of a planned setting."""
-    return s["steps"] * STAGES[s["solver"]] * (1 if s["guidance"] in (0.0, 1.0) else 2)
+    return s["steps"] * nfe_per_step(s["solver"], s["guidance"])
 
 
 @torch.no_grad()

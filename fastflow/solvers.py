@@ -23,7 +23,10 @@ __all__ = [
     "time_grid",
     "GuidedField",
     "integrate",
+    "nfe_per_step",
     "steps_for_nfe",
+    "initial_noise",
+    "to_unit",
     "sample",
 ]
 
@@ -65,7 +68,7 @@ class GuidedField:
 
     @property
     def cost(self) -> int:
-        return 2 if self.guided else 1
+        return _guidance_factor(self.w)
 
     def both(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(v_cond, v_uncond) from one batched call; x [B, ...] fp32, t 0-d."""
@@ -126,10 +129,29 @@ def integrate(
     return x
 
 
+def _guidance_factor(guidance: float) -> int:
+    """Network evaluations per field evaluation: 2 under guidance (both halves), 1 at w = 0 or 1."""
+    return 1 if float(guidance) in (0.0, 1.0) else 2
+
+
+def nfe_per_step(solver: str, guidance: float = 1.0) -> int:
+    """Network evaluations one ``solver`` step costs per image at guidance ``guidance``."""
+    return STAGES[solver] * _guidance_factor(guidance)
+
+
 def steps_for_nfe(nfe: int, solver: str, guidance: float = 1.0) -> int:
     """The number of steps that spends at most ``nfe`` evaluations (0 if even one step costs more)."""
-    cost = STAGES[solver] * (1 if float(guidance) in (0.0, 1.0) else 2)
-    return nfe // cost
+    return nfe // nfe_per_step(solver, guidance)
+
+
+def initial_noise(labels: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """x at t = 0: standard normal, fp32, one per label, on the labels' device."""
+    return torch.randn((len(labels), *shape), generator=generator, device=labels.device, dtype=torch.float32)
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """x at t = 1 in [-1, 1] (clamped) -> images in [0, 1], in place."""
+    return x.clamp_(-1.0, 1.0).add_(1.0).mul_(0.5)
 
 
 @torch.no_grad()
@@ -146,8 +168,7 @@ def sample(
     shape: tuple[int, ...] = (1, 28, 28),
 ) -> tuple[torch.Tensor, int]:
     """Draw ``len(labels)`` images. Returns ``(images, nfe)`` with images [B, 1, 28, 28] fp32 in [0, 1]."""
-    device = labels.device
-    x = torch.randn((len(labels), *shape), generator=generator, device=device, dtype=torch.float32)
+    x = initial_noise(labels, shape, generator)
     field = GuidedField(model, labels, guidance, ctx)
-    integrate(field, x, time_grid(steps, grid, device), solver)
-    return x.clamp_(-1.0, 1.0).add_(1.0).mul_(0.5), field.nfe
+    integrate(field, x, time_grid(steps, grid, labels.device), solver)
+    return to_unit(x), field.nfe
