@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from faults import SAVE_POINTS
 
 import fastflow.checkpoint as ck
 from fastflow.checkpoint import MANIFEST, build_model, load_checkpoint, save_checkpoint
@@ -18,19 +19,6 @@ from fastflow.io import atomic_save, atomic_write_text, check_writable
 from fastflow.unet import UNet
 
 CFG = ModelConfig(channels=(4, 8), emb_dim=8, groups=2)
-POINTS = [
-    "ckpt.begin",
-    "ckpt.previous.linked",
-    "ckpt.previous.swapping",
-    "ckpt.previous.done",
-    *(
-        f"ckpt.{n}{e}"
-        for n in ("model.safetensors", "ema.safetensors", "config.json", "state.pt")
-        for e in (".tmp", "")
-    ),
-    "ckpt.manifest.json.tmp",
-    "ckpt.manifest.json",
-]
 
 
 class Killed(BaseException):
@@ -79,7 +67,7 @@ def test_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "second", ["ckpt.previous.swapping", "ckpt.model.safetensors.tmp", "ckpt.state.pt", "ckpt.manifest.json.tmp"]
 )
-@pytest.mark.parametrize("first", POINTS)
+@pytest.mark.parametrize("first", SAVE_POINTS)
 def test_crash_anywhere_in_two_saves_loads_the_newest_complete_set(tmp_path, monkeypatch, first, second):
     """Saves at steps 1 and 2 complete; the save of 3 crashes at ``first``; the next save (of 4, by a run that
     resumed) crashes at ``second``; then a save of 5 completes. After each, the newest complete set loads."""

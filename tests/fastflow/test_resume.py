@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import SAVE_POINTS
 from safetensors.torch import load_file
 
 from fastflow.checkpoint import load_checkpoint
@@ -37,20 +38,6 @@ FLAGS = [
     "--max-steps", str(TOTAL), "--checkpoint-every", str(EVERY), "--log-every", "5", "--sample-steps", "2",
     "--amp", "none", "--device", "cpu",
 ]  # fmt: skip
-# Fault points inside save_checkpoint, in the order a save reaches them (fastflow/checkpoint.py).
-SAVE_POINTS = [
-    "ckpt.begin",
-    "ckpt.previous.linked",
-    "ckpt.previous.swapping",
-    "ckpt.previous.done",
-    *(
-        f"ckpt.{name}{end}"
-        for name in ("model.safetensors", "ema.safetensors", "config.json", "state.pt")
-        for end in (".tmp", "")
-    ),
-    "ckpt.manifest.json.tmp",
-    "ckpt.manifest.json",
-]
 # Steps at which a checkpoint is written: every EVERY steps, each epoch's end, the last step.
 SAVE_STEPS = sorted({t for t in range(1, TOTAL) if t % EVERY == 0 or t % SPE == 0} | {TOTAL})
 EPOCH_END_SAVES = [t for t in SAVE_STEPS if t % SPE == 0 and t < TOTAL]
