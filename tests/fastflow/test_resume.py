@@ -118,8 +118,11 @@ def _draw_kill_points(rng: random.Random) -> list[str]:
         steps.add(t)
         return t
 
-    def phase(t):  # after the last save's manifest the run is over: nothing left to resume
-        return rng.choice(SAVE_POINTS[:-1] if t == TOTAL else SAVE_POINTS)
+    def phase(t):
+        points = SAVE_POINTS[:-1] if t == TOTAL else SAVE_POINTS  # after the last manifest: nothing to resume
+        if t == SAVE_STEPS[0]:  # the first save has no complete set to keep in previous/: those points never run
+            points = [p for p in points if not p.startswith("ckpt.previous.")]
+        return rng.choice(points)
 
     points = [(t, phase(t)) for t in [pick(EPOCH_END_SAVES)] + [pick(SAVE_STEPS) for _ in range(3)]]
     points += [(pick(range(1, TOTAL)), "step") for _ in range(2)]
