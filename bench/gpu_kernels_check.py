@@ -3,8 +3,9 @@
     python bench/gpu_kernels_check.py [--skip-tests] [--skip-compiled] [--n-log2 24] [--batch 128]
 
 1. The kernel tests with native Triton (``TRITON_INTERPRET=0``): every op against the reference on CUDA tensors,
-   the seeded variants, determinism, and the ``cuda``-marked ``torch.compile(fullgraph=True)`` tests through the
-   ``fastflow::*`` triton_ops. ~1-2 min, most of it compiling.
+   determinism, and the ``cuda``-marked tests: ``torch.compile(fullgraph=True)`` with the auto dispatch (the
+   reference inside the trace) and with the ``fastflow::*`` triton_ops forced, CPU scalars rejected, and launches
+   on a second GPU (skipped with one). ~1-2 min, most of it compiling.
 2. Bandwidth: each op's GB/s at N = 2^24 next to the measured copy bandwidth (``y.copy_(x)``), and the speedup of
    the Triton op over the reference (eager and compiled) at batch 128 (N = 128·784). Rows go to
    ``bench/results/kernels-cuda-<gpu>-check.json``. ``--skip-compiled`` drops the reference-compiled provider

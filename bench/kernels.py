@@ -46,7 +46,7 @@ MNIST = 28 * 28
 @dataclass(frozen=True)
 class Op:
     """One benchmarked op: the tensors it reads and writes per element (``d`` = the storage dtype of z/eps/v,
-    ``f`` = fp32: the ODE state x, Philox noise), and how to build a call from fp32/``d`` inputs."""
+    ``f`` = fp32: the ODE state x), and how to build a call from fp32/``d`` inputs."""
 
     reads: str
     writes: str
@@ -57,14 +57,11 @@ class Op:
 OPS: dict[str, Op] = {
     "copy": Op("d", "d", "y.copy_(x): the bandwidth yardstick"),
     "flow_path": Op("dd", "dd", "reads z, eps; writes x_t, u"),
-    "flow_path_seeded": Op("d", "dd", "reads z; eps drawn in registers; writes x_t, u"),
+    "flow_path_xt": Op("dd", "d", "flow_path(with_target=False): reads z, eps; writes x_t"),
     "loss_fwd": Op("ddd", "", "reads v, z, eps; writes one float per block"),
     "loss_fwd_bwd": Op("dddddd", "d", "forward, then backward re-reads v, z, eps and writes dv"),
-    "loss_seeded_fwd": Op("dd", "", "reads v, z; eps drawn"),
-    "loss_seeded_fwd_bwd": Op("dddd", "d", "forward, then backward re-reads v, z and writes dv"),
     "euler_step_": Op("fd", "f", "reads x (fp32), v; writes x"),
     "guided_euler_step_": Op("fdd", "f", "reads x, v_cond, v_uncond; writes x"),
-    "philox_normal": Op("", "f", "writes fp32 noise"),
 }
 
 
@@ -79,18 +76,12 @@ def _fresh(v: torch.Tensor) -> None:
     v.grad = None
 
 
-def _ref_philox(like, seed, offset):
-    """Noise shaped like ``like``: the shape comes from a tensor argument, so one dynamic compile serves every N
-    (a shape captured in a closure would be baked into the first compile)."""
-    return reference.philox_normal(like.shape, seed, offset, like.device)
+def _ref_flow_path_xt(z, eps, t):
+    return reference.flow_path(z, eps, t, with_target=False)
 
 
 def _ref_loss_fwd_bwd(v, z, eps):
     reference.flow_matching_loss(v, z, eps).backward()
-
-
-def _ref_loss_seeded_fwd_bwd(v, z, seed, offset):
-    reference.flow_matching_loss_seeded(v, z, seed, offset).backward()
 
 
 def _calls(op: str, n: int, dtype: torch.dtype, device: torch.device, provider: str) -> Callable[[], object]:
@@ -107,7 +98,6 @@ def _calls(op: str, n: int, dtype: torch.dtype, device: torch.device, provider: 
     t = torch.rand(shape[0], generator=gen, device=device)
     x = rnd(torch.float32)
     h, w = torch.tensor(1e-3, device=device), torch.tensor(1.5, device=device)
-    seed, offset = torch.tensor(7, device=device), torch.tensor(0, device=device)
     if op == "copy":
         y = torch.empty_like(z)
         return lambda: y.copy_(z)
@@ -115,16 +105,11 @@ def _calls(op: str, n: int, dtype: torch.dtype, device: torch.device, provider: 
     if provider == "triton":
         fns = {
             "flow_path": lambda: kernels.flow_path(z, eps, t),
-            "flow_path_seeded": lambda: kernels.flow_path_seeded(z, t, seed, offset),
+            "flow_path_xt": lambda: kernels.flow_path(z, eps, t, with_target=False),
             "loss_fwd": lambda: kernels.flow_matching_loss(v, z, eps),
             "loss_fwd_bwd": lambda: _fresh(vg) or kernels.flow_matching_loss(vg, z, eps).backward(),
-            "loss_seeded_fwd": lambda: kernels.flow_matching_loss_seeded(v, z, seed, offset),
-            "loss_seeded_fwd_bwd": lambda: (
-                _fresh(vg) or kernels.flow_matching_loss_seeded(vg, z, seed, offset).backward()
-            ),
             "euler_step_": lambda: kernels.euler_step_(x, v, h),
             "guided_euler_step_": lambda: kernels.guided_euler_step_(x, v, z, h, w),
-            "philox_normal": lambda: kernels.philox_normal(shape, seed, offset, device),
         }
         vg = v.detach().requires_grad_()
         fn = fns[op]
@@ -137,14 +122,11 @@ def _calls(op: str, n: int, dtype: torch.dtype, device: torch.device, provider: 
 
     ref = {
         "flow_path": (reference.flow_path, (z, eps, t)),
-        "flow_path_seeded": (reference.flow_path_seeded, (z, t, seed, offset)),
+        "flow_path_xt": (_ref_flow_path_xt, (z, eps, t)),
         "loss_fwd": (reference.flow_matching_loss, (v, z, eps)),
         "loss_fwd_bwd": (_ref_loss_fwd_bwd, (v.detach().requires_grad_(), z, eps)),
-        "loss_seeded_fwd": (reference.flow_matching_loss_seeded, (v, z, seed, offset)),
-        "loss_seeded_fwd_bwd": (_ref_loss_seeded_fwd_bwd, (v.detach().requires_grad_(), z, seed, offset)),
         "euler_step_": (reference.euler_step_, (x, v, h)),
         "guided_euler_step_": (reference.guided_euler_step_, (x, v, z, h, w)),
-        "philox_normal": (_ref_philox, (z, seed, offset)),
     }
     fn, args = ref[op]
     if provider == "reference-compiled":

@@ -1,19 +1,26 @@
 """fastflow's custom ops: the public API and the one dispatch point.
 
-Every op has a pure-torch fp32 twin in :mod:`kernels.reference`. ``kernels.<op>(...)`` runs the Triton kernel
-when the tensors live on CUDA and Triton imports, and the reference otherwise. Tests force either path with
-:func:`use_backend` (or the environment variable ``FASTFLOW_KERNELS=auto|triton|reference``); forcing
+Every op has a pure-torch fp32 twin in :mod:`kernels.reference`. ``kernels.<op>(...)`` checks its arguments, then
+:func:`_use_triton` decides, once for all ops, whether the Triton kernel or the reference runs: by default the
+Triton kernels for CUDA tensors in eager code, the reference on CPU and inside torch.compile (where Inductor fuses
+it). Tests force either
+path with :func:`use_backend` (or the environment variable ``FASTFLOW_KERNELS=auto|triton|reference``); forcing
 ``triton`` on CPU tensors works under ``TRITON_INTERPRET=1``.
 
 The branch is plain Python decided at trace time, so ``torch.compile(fullgraph=True)`` sees no graph break.
+The Triton op modules (and with them triton and, through ``torch.library.triton_op``, ``torch._inductor``: seconds
+of start-up, measured in kernels/README.md) are imported on the first call that takes the Triton path, or when
+``triton`` is forced, never by ``import kernels``.
 This package imports only torch and triton, never fastflow.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 
@@ -27,40 +34,54 @@ __all__ = [
     "backend",
     "use_backend",
     "flow_path",
-    "flow_path_seeded",
     "flow_matching_loss",
-    "flow_matching_loss_seeded",
     "euler_step_",
     "guided_euler_step_",
-    "philox_normal",
 ]
 
 # fastflow checks this marker: Hugging Face's `kernels` package has the same import name.
 IS_FASTFLOW_KERNELS = True
 
-try:  # triton is a Linux-only dependency; everything works without it through the reference.
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the platform
-    HAS_TRITON = False
-
-if HAS_TRITON:
-    # Importing the op modules registers fastflow::* with torch.library. Under TRITON_INTERPRET=1 (set before
-    # this import) their kernels are built for the interpreter and also run on CPU tensors.
-    from . import euler as _euler
-    from . import loss as _loss
-    from . import path as _path
-    from . import philox as _philox
+# triton is a Linux-only dependency; everything works without it through the reference. Only looked up here:
+# importing it (~0.1 s) waits for the first Triton dispatch.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 _BACKENDS = ("auto", "triton", "reference")
-# Whether the kernels above were built for Triton's interpreter (the only way they run on CPU tensors).
+# Whether the Triton kernels are built for Triton's interpreter (the only way they run on CPU tensors): @triton.jit
+# reads TRITON_INTERPRET when the op modules are imported, which must agree with this (checked in _load_triton()).
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# The Triton op modules, set by _load_triton() on the first Triton dispatch (None until then).
+_path: ModuleType | None = None
+_loss: ModuleType | None = None
+_euler: ModuleType | None = None
+
+
+def _load_triton() -> None:
+    """Import the Triton op modules once; importing them registers ``fastflow::*`` with torch.library.
+
+    Runs eagerly only: an op reaches it inside torch.compile only with the ``triton`` backend forced, and forcing it
+    (:func:`use_backend` or ``FASTFLOW_KERNELS``) loads the modules first, so a trace finds them set (module
+    globals, which Dynamo reads like any other) and never runs an import.
+    """
+    global _path, _loss, _euler
+    if _euler is not None:
+        return
+    from . import euler, loss, path
+
+    if (type(euler._euler_kernel).__name__ == "InterpretedFunction") != _INTERPRET:
+        raise RuntimeError(
+            "TRITON_INTERPRET changed between `import kernels` and the first Triton call (the kernels were built "
+            "with the new value, the dispatch decided with the old one): set it before importing kernels"
+        )
+    _path, _loss, _euler = path, loss, euler
 
 
 def _parse_backend(name: str, source: str) -> str:
     if name not in _BACKENDS:
         raise ValueError(f"{source} must be one of {_BACKENDS}, got {name!r}")
+    if name == "triton" and HAS_TRITON:
+        _load_triton()  # forced: import the op modules now, outside any torch.compile trace
     return name
 
 
@@ -68,7 +89,7 @@ _backend = _parse_backend(os.environ.get("FASTFLOW_KERNELS", "auto"), "FASTFLOW_
 
 
 def backend() -> str:
-    """The forced backend: ``auto`` (Triton on CUDA, reference elsewhere), ``triton`` or ``reference``."""
+    """The forced backend: ``auto`` (see :func:`_use_triton`), ``triton`` or ``reference``."""
     return _backend
 
 
@@ -84,7 +105,13 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def _use_triton(device: torch.device) -> bool:
-    """The one dispatch decision, on the (already checked, common) device of an op's tensors."""
+    """The one dispatch decision, on the (already checked, common) device of an op's tensors. When it says True,
+    the Triton op modules are loaded.
+
+    ``reference``: never Triton. ``triton``: always (CUDA tensors, or CPU tensors under the interpreter), also
+    inside torch.compile, where the trace goes through the ``fastflow::*`` triton_ops (how the GPU check compares
+    the two under compile). ``auto``: the Triton kernels for CUDA tensors in eager code only; see the comments.
+    """
     if _backend == "reference":
         return False
     if _backend == "triton":
@@ -95,16 +122,21 @@ def _use_triton(device: torch.device) -> bool:
                 f"the Triton backend is forced on {device} tensors, which needs TRITON_INTERPRET=1 set before "
                 "kernels is imported (the interpreter); use CUDA tensors or the reference backend"
             )
-        return True
-    return HAS_TRITON and device.type == "cuda"
-
-
-def _philox_state(seed, offset, device: torch.device) -> torch.Tensor:
-    """int64 ``[seed, offset]`` on ``device``: the kernels load it, so a new offset is data, not a recompile."""
-    if isinstance(seed, torch.Tensor) or isinstance(offset, torch.Tensor):
-        parts = [torch.as_tensor(s, device=device).to(torch.int64).reshape(1) for s in (seed, offset)]
-        return torch.cat(parts)
-    return torch.tensor([seed, offset], dtype=torch.int64, device=device)
+    else:  # auto
+        if device.type != "cuda" or not HAS_TRITON:
+            return False
+        if _INTERPRET:
+            # The kernels were built for Triton's interpreter: it would copy every CUDA tensor to the host and
+            # back, and it cannot run inside a torch.compile trace or a CUDA-graph capture.
+            return False
+        if torch.compiler.is_compiling():
+            # Inside a trace the reference's few elementwise ops are better: Inductor fuses them with their
+            # neighbours (the network's output, the loss's reduction) and drops outputs the graph never reads
+            # (the u that training ignores). A triton_op's kernel is called as written: nothing is fused into it
+            # or across it, and every store it makes stays.
+            return False
+    _load_triton()  # eager here, or already loaded when forced (see _load_triton)
+    return True
 
 
 def _check_path(op: str, z: torch.Tensor, t: torch.Tensor, **more: torch.Tensor) -> None:
@@ -131,39 +163,26 @@ def _check_loss(op: str, v: torch.Tensor, z: torch.Tensor, **more: torch.Tensor)
         raise ValueError(f"{op}: the mean of an empty tensor is undefined (v has shape {list(v.shape)})")
 
 
-def _check_philox(op: str, seed, offset) -> None:
-    _chk.philox_arg(op, "seed", seed)
-    _chk.philox_arg(op, "offset", offset)
-
-
-def flow_path(z: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def flow_path(
+    z: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, *, with_target: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The linear path and its target field in one pass.
 
     Args:
         z: data, shape (B, ...), fp32/bf16/fp16.
         eps: noise, the shape of ``z``, fp32/bf16/fp16.
         t: time, shape (B,), 0 = noise, 1 = data.
+        with_target: False when the caller does not need ``u`` (training: its loss recomputes z − eps): ``u`` is
+            then neither computed nor stored (on the Triton path 12 instead of 16 bytes moved per fp32 element).
 
     Returns:
-        ``(x_t, u) = (t·z + (1 − t)·eps, z − eps)``, computed in fp32, shaped and typed like ``z``
-        (contiguous). Differentiable in z, eps and t.
+        ``(x_t, u) = (t·z + (1 − t)·eps, z − eps)``, computed in fp32, shaped and typed like ``z`` (contiguous);
+        ``(x_t, None)`` when ``with_target`` is False. Differentiable in z, eps and t.
     """
     _check_path("flow_path", z, t, eps=eps)
     if _use_triton(z.device):
-        return _path.flow_path(z, eps, t)
-    return reference.flow_path(z, eps, t)
-
-
-def flow_path_seeded(z: torch.Tensor, t: torch.Tensor, seed, offset) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`flow_path` with ``eps = philox_normal(z.shape, seed, offset)`` drawn inside the kernel (fp32, never
-    stored), so the op reads only z and t. Pass ``seed``/``offset`` as int64 0-d tensors in a compiled loop
-    (ints are specialised); advance ``offset`` by ``z.numel()`` per draw. Differentiable in z and t.
-    """
-    _check_path("flow_path_seeded", z, t)
-    _check_philox("flow_path_seeded", seed, offset)
-    if _use_triton(z.device):
-        return _path.flow_path_seeded(z, t, _philox_state(seed, offset, z.device))
-    return reference.flow_path_seeded(z, t, seed, offset)
+        return _path.flow_path(z, eps, t, with_target)
+    return reference.flow_path(z, eps, t, with_target)
 
 
 def flow_matching_loss(v: torch.Tensor, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -178,16 +197,6 @@ def flow_matching_loss(v: torch.Tensor, z: torch.Tensor, eps: torch.Tensor) -> t
     return reference.flow_matching_loss(v, z, eps)
 
 
-def flow_matching_loss_seeded(v: torch.Tensor, z: torch.Tensor, seed, offset) -> torch.Tensor:
-    """:func:`flow_matching_loss` with the ``eps`` that :func:`flow_path_seeded` drew for ``(seed, offset)``,
-    re-drawn in the forward and again in the backward instead of read. Differentiable in v and z."""
-    _check_loss("flow_matching_loss_seeded", v, z)
-    _check_philox("flow_matching_loss_seeded", seed, offset)
-    if _use_triton(v.device):
-        return _loss.flow_matching_loss_seeded(v, z, _philox_state(seed, offset, v.device))
-    return reference.flow_matching_loss_seeded(v, z, seed, offset)
-
-
 def _check_euler(op: str, x: torch.Tensor, **vs: torch.Tensor) -> None:
     _chk.floating(op, "x", x, allowed=(torch.float32,))  # the ODE state stays fp32 (ARCHITECTURE.md)
     for name, v in vs.items():
@@ -199,8 +208,8 @@ def _check_euler(op: str, x: torch.Tensor, **vs: torch.Tensor) -> None:
 def euler_step_(x: torch.Tensor, v: torch.Tensor, h: torch.Tensor | float) -> torch.Tensor:
     """In place ``x ← x + h·v``; returns ``x``.
 
-    x: the fp32 ODE state (B, ...); v: the same shape, fp32/bf16/fp16; h: a float or a floating 0-d tensor
-    (pass a tensor in a compiled loop: a changing float recompiles).
+    x: the fp32 ODE state (B, ...); v: the same shape, fp32/bf16/fp16; h: a float or a floating 0-d tensor on x's
+    device (pass a tensor in a compiled loop: a changing float recompiles; a CPU tensor with CUDA x is an error).
     """
     _check_euler("euler_step_", x, v=v)
     _chk.scalar("euler_step_", "h", h, x.device)
@@ -218,28 +227,14 @@ def guided_euler_step_(
 ) -> torch.Tensor:
     """In place ``x ← x + h·(v_uncond + w·(v_cond − v_uncond))`` (classifier-free guidance); returns ``x``.
 
-    x fp32 (B, ...); v_cond, v_uncond the same shape, fp32/bf16/fp16; h, w floats or floating 0-d tensors.
+    x fp32 (B, ...); v_cond, v_uncond the same shape, fp32/bf16/fp16; h, w floats or floating 0-d tensors on x's
+    device.
     """
     op = "guided_euler_step_"
     _check_euler(op, x, v_cond=v_cond, v_uncond=v_uncond)
     _chk.scalar(op, "h", h, x.device)
     _chk.scalar(op, "w", w, x.device)
     if _use_triton(x.device):
-        return _euler.guided_euler_step_(x, v_cond, v_uncond, _scalar_tensor(h, x.device), _scalar_tensor(w, x.device))
+        h, w = _scalar_tensor(h, x.device), _scalar_tensor(w, x.device)
+        return _euler.guided_euler_step_(x, v_cond, v_uncond, h, w)
     return reference.guided_euler_step_(x, v_cond, v_uncond, h, w)
-
-
-def philox_normal(shape, seed, offset, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """N(0, 1) noise of ``shape`` determined by ``(seed, offset)``: element ``i`` of the row-major flattening is
-    Triton's ``tl.randn(seed, offset + i)`` (the reference reproduces the stream up to fp32 rounding). The same
-    noise the seeded ops draw; drawn in fp32 and cast to ``dtype``."""
-    _check_philox("philox_normal", seed, offset)
-    if dtype not in _chk.FLOATS:
-        raise TypeError(f"philox_normal: dtype must be float32, bfloat16 or float16, got {dtype}")
-    device = torch.device(device)
-    if _use_triton(device):
-        n = 1
-        for s in shape:
-            n *= s
-        return _philox.philox_normal(_philox_state(seed, offset, device), n, dtype).view(tuple(shape))
-    return reference.philox_normal(shape, seed, offset, device, dtype)

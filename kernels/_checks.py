@@ -16,7 +16,6 @@ __all__ = [
     "same_device",
     "same_shape",
     "scalar",
-    "philox_arg",
 ]
 
 # The dtypes the kernels load and store; the math inside is always fp32.
@@ -52,8 +51,12 @@ def same_shape(op: str, **tensors: torch.Tensor) -> None:
 
 
 def scalar(op: str, name: str, s: object, device: torch.device) -> None:
-    """A step size or guidance weight: a Python number, or a floating 0-d (or 1-element) tensor on ``device`` or
-    the CPU (a CPU scalar is moved, like torch's own scalar arguments)."""
+    """A step size or guidance weight: a Python number, or a floating 0-d (or 1-element) tensor on ``device``.
+
+    Off CUDA a CPU tensor is also accepted (moved like torch's own scalar arguments). With CUDA tensors it is not:
+    its copy to the GPU waits for the host, which is illegal while a CUDA graph is being captured, so the error
+    comes here, in eager code too, rather than as an opaque capture failure later. A Python float stays allowed
+    (the launcher fills a device tensor with it: no copy from host memory)."""
     if isinstance(s, bool) or not isinstance(s, (int, float, torch.Tensor)):
         raise TypeError(f"{op}: {name} must be a float or a 0-d tensor, got {type(s).__name__}")
     if isinstance(s, torch.Tensor):
@@ -61,19 +64,10 @@ def scalar(op: str, name: str, s: object, device: torch.device) -> None:
             raise ValueError(f"{op}: {name} must be a 0-d tensor, got shape {list(s.shape)}")
         if not s.is_floating_point():
             raise TypeError(f"{op}: {name} must be a floating tensor, got {s.dtype}")
+        if s.device.type == "cpu" and device.type == "cuda":
+            raise ValueError(
+                f"{op}: {name} is a CPU tensor but the tensors are on {device}: pass a float or a tensor on {device} "
+                "(a CPU tensor means a host copy, which CUDA-graph capture forbids)"
+            )
         if s.device != device and s.device.type != "cpu":
             raise ValueError(f"{op}: {name} is on {s.device} but the tensors are on {device}")
-
-
-def philox_arg(op: str, name: str, s: object) -> None:
-    """A Philox seed or offset: a non-negative Python int below 2**63, or an integer 0-d tensor."""
-    if isinstance(s, torch.Tensor):
-        if s.numel() != 1:
-            raise ValueError(f"{op}: {name} must be a 0-d tensor, got shape {list(s.shape)}")
-        if s.is_floating_point() or s.is_complex() or s.dtype == torch.bool:
-            raise TypeError(f"{op}: {name} must be an integer tensor, got {s.dtype}")
-        return
-    if isinstance(s, bool) or not isinstance(s, int):
-        raise TypeError(f"{op}: {name} must be an int or an integer 0-d tensor, got {type(s).__name__}")
-    if not 0 <= s < 2**63:
-        raise ValueError(f"{op}: {name} must be in [0, 2**63), got {s}")

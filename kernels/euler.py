@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._launch import BLOCK, NUM_WARPS, flat
+from ._launch import BLOCK, NUM_WARPS, device_guard, flat
 
 __all__ = ["euler_step_", "guided_euler_step_"]
 
@@ -48,9 +48,10 @@ def _launch(x: torch.Tensor, v: torch.Tensor, vu: torch.Tensor, h: torch.Tensor,
     # A strided x is updated through a contiguous copy and written back: the kernel indexes flat memory.
     xc = x if x.is_contiguous() else x.contiguous()
     vf = flat(v)
-    wrap_triton(_euler_kernel)[(triton.cdiv(n, BLOCK),)](
-        xc, vf, flat(vu) if guided else vf, h, w, n, GUIDED=guided, BLOCK=BLOCK, num_warps=NUM_WARPS
-    )
+    with device_guard(x.device):
+        wrap_triton(_euler_kernel)[(triton.cdiv(n, BLOCK),)](
+            xc, vf, flat(vu) if guided else vf, h, w, n, GUIDED=guided, BLOCK=BLOCK, num_warps=NUM_WARPS
+        )
     if xc is not x:
         x.copy_(xc)
 

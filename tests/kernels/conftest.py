@@ -1,4 +1,5 @@
-"""Fixtures of the kernel tests (TRITON_INTERPRET is set by tests/conftest.py, before kernels is imported)."""
+"""Fixtures of the kernel tests (TRITON_INTERPRET is set by tests/conftest.py, before kernels is imported), and the
+skip of ``cuda``-marked kernel tests."""
 
 from __future__ import annotations
 
@@ -6,9 +7,17 @@ import os
 
 import pytest
 import torch
-from kernel_asserts import TRITON_DEVICE, poisoned_outputs
+from kernel_asserts import HAS_CUDA, INTERPRET, TRITON_DEVICE, poisoned_outputs
 
 import kernels
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A ``cuda``-marked test needs a CUDA GPU and native kernels: under TRITON_INTERPRET=1 the kernels are built for
+    the interpreter, which must never run inside torch.compile or a CUDA-graph capture, so skip there too. (A
+    directory conftest's runtest hook applies to the tests below it only.)"""
+    if item.get_closest_marker("cuda") is not None and (INTERPRET or not HAS_CUDA):
+        pytest.skip("needs a CUDA GPU and native kernels (TRITON_INTERPRET unset or 0)")
 
 
 @pytest.fixture

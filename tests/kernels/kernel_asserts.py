@@ -10,15 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 
-import pytest
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
 TRITON_DEVICE = "cpu" if INTERPRET else ("cuda" if HAS_CUDA else None)
-
-# With @pytest.mark.cuda: needs native Triton on a CUDA GPU, so skipped here (no GPU) and under the interpreter.
-requires_cuda = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
 
 # (rtol, atol) per storage dtype: fp32 math both sides, so fp32 agrees to rounding; a bf16/fp16 output may sit one
 # ulp (2^-8 / 2^-11 relative) apart when the fp32 values straddle a rounding boundary. Never widened to pass.

@@ -85,7 +85,9 @@ def test_euler_float_and_tensor_scalars_agree(gen, device, triton_backend):
     h = _h(gen, device, as_tensor=False)
     a, b = x0.clone(), x0.clone()
     kernels.guided_euler_step_(a, vc, vu, h, 2.0)
-    kernels.guided_euler_step_(b, vc, vu, torch.tensor(h), torch.tensor(2.0, dtype=torch.float64))  # CPU 0-d tensors
+    kernels.guided_euler_step_(
+        b, vc, vu, torch.tensor(h, device=device), torch.tensor(2.0, dtype=torch.float64, device=device)
+    )
     assert torch.equal(a, b)
     kernels.euler_step_(a, vc, h)
     kernels.euler_step_(b, vc, torch.tensor([h], device=device))  # a 1-element tensor is a scalar too

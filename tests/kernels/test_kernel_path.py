@@ -1,22 +1,11 @@
-"""flow_path and flow_path_seeded on the Triton path against kernels.reference: forward and every gradient."""
+"""flow_path, with and without its target u, on the Triton path against kernels.reference: forward and every
+gradient."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from kernel_asserts import (
-    DTYPE_IDS,
-    DTYPES,
-    INTERPRET,
-    SHAPES,
-    assert_close,
-    assert_equal,
-    data,
-    normal,
-    shape_id,
-)
+from kernel_asserts import DTYPE_IDS, DTYPES, SHAPES, assert_close, data, normal, shape_id
 
 import kernels
 from kernels import reference
@@ -90,61 +79,46 @@ def test_flow_path_mixed_dtypes(gen, device, triton_backend):
     _check_path(z, eps, t, gen)
 
 
-# The interpreter runs Philox at ~30 ms per 1024 elements, and this test draws three times: the seeded sweep
-# stops at B = 32 for fp32 and B = 3 for bf16/fp16 (B = 129 alone took 14 s); the unseeded sweep covers B = 129.
-SEEDED_CASES = [(s, d) for s in SHAPES for d in DTYPES if math.prod(s) <= (32 if d == torch.float32 else 3) * 784]
-
-
-@pytest.mark.parametrize(
-    "shape,dtype", SEEDED_CASES, ids=[f"{shape_id(s)}-{DTYPE_IDS[DTYPES.index(d)]}" for s, d in SEEDED_CASES]
-)
-def test_flow_path_seeded(shape, dtype, gen, device, triton_backend):
-    z = data(shape, dtype, gen, device)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(7,), (1025,), (3, 1, 28, 28), (37, 1, 28, 28)], ids=shape_id)
+def test_flow_path_without_target(shape, dtype, gen, device, triton_backend):
+    """with_target=False: (x_t, None) on both backends, and the same x_t and gradients in z, eps, t as the reference.
+    The kernel is handed x_t's buffer in place of u's: had it stored u anyway, x_t would hold z − eps and fail."""
+    z, eps = data(shape, dtype, gen, device), normal(shape, dtype, gen, device)
     t = torch.rand(shape[0], generator=gen).to(device)
-    seed, offset = int(torch.randint(0, 2**62, (1,), generator=gen)), int(torch.randint(0, 2**40, (1,), generator=gen))
-    zt, tt = _leaves(z, t)
-    x_t, u = kernels.flow_path_seeded(zt, tt, seed, offset)
-
-    # Exact oracle: the unseeded kernel fed the noise the Philox kernel writes out for the same (seed, offset).
-    eps = kernels.philox_normal(shape, seed, offset, device)
-    ex, eu = kernels.flow_path(z, eps, t)
-    check = assert_equal if INTERPRET else assert_close  # a GPU may contract t·z + (1 − t)·eps differently
-    check("x_t vs flow_path(philox eps)", x_t, ex)
-    check("u vs flow_path(philox eps)", u, eu)
-
-    # Pure-torch oracle: reference Philox stream (fp32 rounding of log/cos apart) and reference autograd.
-    zr, tr = _leaves(z, t)
-    rx, ru = reference.flow_path_seeded(zr, tr, seed, offset)
+    zt, et, tt = _leaves(z, eps, t)
+    x_t, u = kernels.flow_path(zt, et, tt, with_target=False)
+    assert u is None
+    zr, er, tr = _leaves(z, eps, t)
+    rx, ru = reference.flow_path(zr, er, tr, with_target=False)
+    assert ru is None
     assert_close("x_t", x_t, rx)
-    assert_close("u", u, ru)
-    gx, gu = normal(shape, dtype, gen, device), normal(shape, dtype, gen, device)
-    dz, dt = torch.autograd.grad((x_t, u), (zt, tt), (gx, gu))
-    rdz, rdt = torch.autograd.grad((rx, ru), (zr, tr), (gx, gu))
-    assert_close("dz", dz, rdz)
-    # dt sums n products per sample in two orders (see _check_path): within twice the fp32 rounding bound of each
-    # other, ε recovered as z − u for the magnitudes.
-    g64, z64 = gx.double().cpu(), z.double().cpu()
-    mags = (g64.abs() * (z64.abs() + (z64 - ru.double().cpu()).abs())).reshape(t.shape[0], -1)
-    bound = 4 * (mags.shape[1] ** 0.5 + 2) * torch.finfo(torch.float32).eps * mags.sum(1)
-    bound += torch.finfo(dt.dtype).eps * rdt.double().cpu().abs()
-    err = (dt.double().cpu() - rdt.double().cpu()).abs()
-    assert bool((err <= bound).all()), f"dt: max error {err.max():.3g} beyond the fp32 summation bound"
+    assert_close("x_t vs with_target=True", x_t, kernels.flow_path(z, eps, t)[0])
+    gx = normal(shape, dtype, gen, device)
+    got = torch.autograd.grad(x_t, (zt, et, tt), gx)
+    want = torch.autograd.grad(rx, (zr, er, tr), gx)
+    for name, g, w in zip(("dz", "deps"), got, want):
+        assert_close(name, g, w)
+    g64, z64, e64 = gx.double(), z.double(), eps.double()
+    _assert_sum_close("dt", got[2], want[2], g64 * (z64 - e64), g64.abs() * (z64.abs() + e64.abs()), t.shape[0])
 
 
-def test_flow_path_seeded_tensor_seed_and_offset(gen, device, triton_backend):
-    """0-d int64 tensors (what a compiled loop passes) give the same draw as Python ints."""
-    z = data((3, 1, 28, 28), torch.float32, gen, device)
-    t = torch.rand(3, generator=gen).to(device)
-    a = kernels.flow_path_seeded(z, t, 11, 2**33 + 5)
-    b = kernels.flow_path_seeded(z, t, torch.tensor(11), torch.tensor(2**33 + 5, device=device))
-    assert_equal("x_t", a[0], b[0])
-    assert_equal("u", a[1], b[1])
+def test_flow_path_without_target_auto_cpu(gen):
+    """The default (auto) path on CPU tensors is the reference, and it skips u too."""
+    z, eps = data((3, 1, 28, 28), torch.float32, gen, "cpu"), normal((3, 1, 28, 28), torch.float32, gen, "cpu")
+    t = torch.rand(3, generator=gen)
+    with kernels.use_backend("auto"):
+        x_t, u = kernels.flow_path(z, eps, t, with_target=False)
+    assert u is None
+    assert torch.equal(x_t, reference.flow_path(z, eps, t)[0])
 
 
 def test_flow_path_empty_batch(device, triton_backend):
     z = torch.empty(0, 1, 28, 28, device=device)
     x_t, u = kernels.flow_path(z, z, torch.empty(0, device=device))
     assert x_t.shape == u.shape == z.shape
+    x_t, u = kernels.flow_path(z, z, torch.empty(0, device=device), with_target=False)
+    assert x_t.shape == z.shape and u is None
 
 
 def test_outputs_are_poisoned(triton_backend):
