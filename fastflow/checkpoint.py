@@ -22,6 +22,7 @@ manifest's hash, and parsed from those same bytes, so a writer racing the reader
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -31,6 +32,7 @@ import re
 import shutil
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -42,9 +44,19 @@ from .errors import UserError
 from .io import atomic_save, fault, remove_stale_temps
 from .unet import UNet
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_pretrained", "build_model", "Checkpoint", "find_complete"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_pretrained",
+    "build_model",
+    "Checkpoint",
+    "find_complete",
+    "has_checkpoint",
+    "own_folder",
+]
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # held (flock) by the run that owns the folder
 PARTS = ("model.safetensors", "ema.safetensors", "config.json", "state.pt")
 REQUIRED = ("model.safetensors", "config.json")
 FORMAT = "fastflow-checkpoint-1"
@@ -144,7 +156,50 @@ def save_checkpoint(
     return d
 
 
+# -- ownership -------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def own_folder(directory: str | Path) -> Iterator[None]:
+    """Hold ``directory`` for one training run: a second run on the same folder gets a one-line
+    :class:`UserError` instead of silently overwriting this one's checkpoints.
+
+    An exclusive ``flock`` on ``directory/.lock``: the kernel drops it when the process ends, however it ends,
+    so a killed run never leaves the folder stuck. (Where ``fcntl`` does not exist, nothing is locked.)
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        yield
+        return
+    f = open(d / LOCK, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(
+                f"--model-dir {d}: another training run ({holder}) is using it; wait for it to end or pass another --model-dir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
 # -- loading ---------------------------------------------------------------------------------------------------
+
+
+def has_checkpoint(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a checkpoint set, complete or not (its own or a ``previous/`` one)."""
+    d = Path(directory)
+    return (d / MANIFEST).exists() or (d / "previous").exists()
 
 
 class _Incomplete(Exception):
@@ -234,6 +289,11 @@ class Checkpoint:
     ema_weights: dict[str, torch.Tensor] | None
     state: dict | None
     step: int
+
+    @property
+    def state_path(self) -> Path:
+        """The file that holds the training state (named in error messages)."""
+        return self.path / "state.pt"
 
 
 def _parse_weights(path: Path, data: bytes) -> dict[str, torch.Tensor]:

@@ -1,5 +1,10 @@
 """Settings as dataclasses, named presets, and argparse built from the fields.
 
+Each setting is defined once, on its field (:func:`setting`): its type and default, its help text, its choices,
+the rule its value must obey and whether a ``--resume`` may change it without changing the run. The parser
+(:func:`add_dataclass_args`), the checks (:func:`validate`) and the resume check (:func:`resume_free`) all read
+it from there, so adding a training setting is one new field in :class:`TrainConfig` (plus its use).
+
 Precedence, lowest first: the dataclass defaults, the preset, the flags given on the command line.
 """
 
@@ -9,6 +14,7 @@ import argparse
 import dataclasses
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from .errors import UserError
@@ -17,57 +23,42 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "PRESETS",
+    "setting",
     "add_dataclass_args",
     "resolve_preset",
+    "resolve_configs",
+    "resume_free",
     "parse_int_list",
     "validate",
     "model_config_from_dict",
 ]
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The U-Net's shape. Everything a checkpoint needs to rebuild the network."""
-
-    channels: tuple[int, ...] = (64, 128, 256)  # width per resolution: 28×28, 14×14, 7×7
-    blocks_per_level: int = 1  # residual blocks per level on the way down (one more on the way up)
-    emb_dim: int = 256  # time + label embedding width
-    num_classes: int = 10  # digits; index num_classes is "no label" (classifier-free guidance)
-    groups: int = 8  # GroupNorm groups (capped by the channel count)
-    in_channels: int = 1
+# Rules a value must obey: (test, how the error states it). ``not v < 0`` also refuses nan.
+POSITIVE = (lambda v: v > 0, "> 0")
+NONNEG = (lambda v: v >= 0, ">= 0")
+FINITE_POSITIVE = (lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
+FINITE_NONNEG = (lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
+UNIT_CLOSED = (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+UNIT_HALF_OPEN = (lambda v: 0.0 <= v < 1.0, "in [0, 1)")
 
 
-@dataclass
-class TrainConfig:
-    """Training settings. The first five fields are the original Rust/Burn project's config."""
+def setting(
+    default,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    check: tuple[Callable, str] | None = None,
+    resume_free: bool = False,
+):
+    """A dataclass field that carries its own help, choices, rule and resume policy.
 
-    num_epochs: int = 10
-    batch_size: int = 32
-    num_workers: int = 1  # kept from the original; the device-resident loader needs no worker processes
-    seed: int = 42
-    lr: float = 1e-4
-    device: str = "auto"  # auto | cpu | cuda
-    preset: str = "auto"  # auto picks "original" on CUDA and "cpu" on CPU
-    model_dir: str = "model"
-    result_dir: str = "result"
-    data_root: str = "data"
-    label_drop: float = 0.1  # share of labels replaced by "no label" (index 10) for guidance
-    resume: bool = False
-    warmup_steps: int = 0  # linear learning-rate warm-up
-    lr_schedule: str = "constant"  # constant | cosine (decays to lr_min_ratio·lr at the last step)
-    lr_min_ratio: float = 0.05
-    weight_decay: float = 0.0
-    ema_decay: float = 0.999  # 0 turns EMA off
-    ema_warmup: int = 100  # EMA decay ramps as min(decay, (1 + k) / (ema_warmup + k))
-    time_sampling: str = "uniform"  # uniform | logit-normal (uniform measured better: README, "CPU recipe")
-    amp: str = "auto"  # auto | none | bf16 (auto: bf16 where the device runs it fast)
-    compile: bool = False  # torch.compile the train step
-    cuda_graphs: bool = False  # capture the compiled train step as a CUDA graph (CUDA only)
-    checkpoint_every: int = 0  # steps between checkpoints (0: at epoch ends only)
-    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
-    subset: int = 0  # train on the first N training images (0: all 60000)
-    sample_steps: int = 10  # Euler steps for the epoch-end sample grid
-    log_every: int = 25  # steps between reads of the loss (the only host synchronisation)
+    ``resume_free``: the setting does not change the trajectory of a run (where files go, how often it logs,
+    how fast the same math runs), so ``--resume`` may change it without a note.
+    """
+    meta = dict(help=help, choices=choices, check=check, resume_free=resume_free)
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not supported")
+    return dataclasses.field(default=default, metadata=meta)
 
 
 # name -> (model overrides, training overrides)
@@ -98,47 +89,91 @@ PRESETS: dict[str, tuple[dict, dict]] = {
     ),
 }
 
-HELP = {
-    "num_epochs": "passes over the training set",
-    "batch_size": "images per optimizer step (the global batch under torchrun)",
-    "num_workers": "kept from the original config; the on-device loader needs no worker processes",
-    "seed": "seed for weights, data order, noise and sample grids",
-    "lr": "peak AdamW learning rate",
-    "device": "where to train: auto picks CUDA when available",
-    "preset": "named settings: original (the Rust project's), cpu (a 2-core laptop), tiny (tests); auto: original on CUDA, cpu elsewhere",
-    "model_dir": "checkpoint folder",
-    "result_dir": "sample grids, loss.csv and loss.png",
-    "data_root": "MNIST in torchvision's layout (<root>/MNIST/raw), fetched or rebuilt when missing",
-    "label_drop": "share of labels replaced by 'no label' (index 10) for classifier-free guidance",
-    "resume": "continue from the checkpoint in --model-dir",
-    "warmup_steps": "linear learning-rate warm-up steps",
-    "lr_schedule": "after warm-up: constant, or cosine down to lr x lr-min-ratio at the last step",
-    "lr_min_ratio": "final learning rate as a share of --lr (cosine)",
-    "weight_decay": "AdamW weight decay",
-    "ema_decay": "EMA of the weights, used for sampling (0: off)",
-    "ema_warmup": "EMA decay ramps as min(decay, (1 + k) / (ema_warmup + k)) over update k",
-    "time_sampling": "distribution of t during training",
-    "amp": "network precision: auto = bf16 where the device runs it fast, none = fp32",
-    "compile": "torch.compile the train step",
-    "cuda_graphs": "capture the compiled train step as a CUDA graph (CUDA only)",
-    "checkpoint_every": "also checkpoint every N steps (0: at epoch ends only)",
-    "max_steps": "stop after N optimizer steps (0: all epochs)",
-    "subset": "train on the first N images (0: all 60000)",
-    "sample_steps": "Euler steps for the epoch-end sample grids",
-    "log_every": "steps between loss reads (the only host synchronisation)",
-    "channels": "U-Net widths at 28, 14 and 7 pixels",
-    "blocks_per_level": "residual blocks per level on the way down (one more on the way up)",
-    "emb_dim": "time and label embedding width",
-    "groups": "GroupNorm groups",
-}
 
-CHOICES = {
-    "device": ("auto", "cpu", "cuda"),
-    "preset": ("auto", *PRESETS),
-    "lr_schedule": ("constant", "cosine"),
-    "time_sampling": ("uniform", "logit-normal"),
-    "amp": ("auto", "none", "bf16"),
-}
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net's shape. Everything a checkpoint needs to rebuild the network."""
+
+    channels: tuple[int, ...] = setting((64, 128, 256), "U-Net widths at 28, 14 and 7 pixels")
+    blocks_per_level: int = setting(
+        1, "residual blocks per level on the way down (one more on the way up)", check=POSITIVE
+    )
+    emb_dim: int = setting(256, "time and label embedding width", check=POSITIVE)
+    num_classes: int = setting(10, "digits; index num_classes is 'no label' (classifier-free guidance)")
+    groups: int = setting(8, "GroupNorm groups (capped by the channel count)", check=POSITIVE)
+    in_channels: int = setting(1, "image channels (MNIST: 1)")
+
+
+@dataclass
+class TrainConfig:
+    """Training settings. The first five fields are the original Rust/Burn project's config."""
+
+    num_epochs: int = setting(10, "passes over the training set", check=POSITIVE)
+    batch_size: int = setting(32, "images per optimizer step (the global batch under torchrun)", check=POSITIVE)
+    num_workers: int = setting(
+        1, "kept from the original config; the on-device loader needs no worker processes", check=NONNEG,
+        resume_free=True,
+    )  # fmt: skip
+    seed: int = setting(42, "seed for weights, data order, noise and sample grids")
+    lr: float = setting(1e-4, "peak AdamW learning rate", check=FINITE_POSITIVE)
+    device: str = setting(
+        "auto", "where to train: auto picks CUDA when available", choices=("auto", "cpu", "cuda"), resume_free=True
+    )
+    preset: str = setting(
+        "auto",
+        "named settings: original (the Rust project's), cpu (a 2-core laptop), tiny (tests); "
+        "auto: original on CUDA, cpu elsewhere",
+        choices=("auto", *PRESETS),
+    )
+    model_dir: str = setting("model", "checkpoint folder", resume_free=True)
+    result_dir: str = setting("result", "sample grids, loss.csv and loss.png", resume_free=True)
+    data_root: str = setting(
+        "data", "MNIST in torchvision's layout (<root>/MNIST/raw), fetched or rebuilt when missing", resume_free=True
+    )
+    label_drop: float = setting(
+        0.1, "share of labels replaced by 'no label' (index 10) for classifier-free guidance", check=UNIT_HALF_OPEN
+    )
+    resume: bool = setting(False, "continue from the checkpoint in --model-dir", resume_free=True)
+    warmup_steps: int = setting(0, "linear learning-rate warm-up steps", check=NONNEG)
+    lr_schedule: str = setting(
+        "constant",
+        "after warm-up: constant, or cosine down to lr x lr-min-ratio at the last step",
+        choices=("constant", "cosine"),
+    )
+    lr_min_ratio: float = setting(0.05, "final learning rate as a share of --lr (cosine)", check=UNIT_CLOSED)
+    weight_decay: float = setting(0.0, "AdamW weight decay", check=FINITE_NONNEG)
+    ema_decay: float = setting(0.999, "EMA of the weights, used for sampling (0: off)", check=UNIT_HALF_OPEN)
+    ema_warmup: int = setting(
+        100, "EMA decay ramps as min(decay, (1 + k) / (ema_warmup + k)) over update k", check=NONNEG
+    )
+    time_sampling: str = setting(
+        "uniform",
+        "distribution of t during training (uniform measured better: README, 'CPU recipe')",
+        choices=("uniform", "logit-normal"),
+    )
+    amp: str = setting(
+        "auto", "network precision: auto = bf16 where the device runs it fast, none = fp32",
+        choices=("auto", "none", "bf16"),
+    )  # fmt: skip
+    compile: bool | None = setting(
+        None, "torch.compile the train step (default: on with CUDA, off on a CPU)", resume_free=True
+    )
+    cuda_graphs: bool | None = setting(
+        None, "replay the compiled train step as a CUDA graph (default: on with --compile on CUDA)", resume_free=True
+    )
+    tf32: bool = setting(
+        True, "CUDA fp32 matmuls and convolutions in TF32 (fp32 runs only; bf16 autocast does not use it)",
+        resume_free=True,
+    )  # fmt: skip
+    checkpoint_every: int = setting(
+        0, "also checkpoint every N steps (0: at epoch ends only)", check=NONNEG, resume_free=True
+    )
+    max_steps: int = setting(0, "stop after N optimizer steps (0: all epochs)", check=NONNEG)
+    subset: int = setting(0, "train on the first N images (0: all 60000)", check=NONNEG)
+    sample_steps: int = setting(10, "Euler steps for the epoch-end sample grids", check=POSITIVE, resume_free=True)
+    log_every: int = setting(
+        25, "steps between loss reads (the only host synchronisation)", check=POSITIVE, resume_free=True
+    )
 
 
 def parse_int_list(text: str) -> tuple[int, ...]:
@@ -157,16 +192,16 @@ def _flag(name: str) -> str:
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field (``num_epochs`` -> ``--num-epochs``); defaults stay None so that
-    only the flags actually given override the preset."""
+    """One flag per dataclass field (``num_epochs`` -> ``--num-epochs``) from its :func:`setting`; defaults stay
+    None so that only the flags actually given override the preset."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if f.name in skip:
             continue
-        tp = hints[f.name]
+        tp, meta = hints[f.name], f.metadata
         default = f.default if f.default is not dataclasses.MISSING else None
         kw: dict = dict(default=None, dest=f.name)
-        if tp is bool:
+        if tp is bool or tp == (bool | None):
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is tuple:
             kw["type"] = parse_int_list
@@ -174,71 +209,52 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
             default = ",".join(map(str, default))
         else:
             kw["type"] = tp
-        if f.name in CHOICES:
-            kw["choices"] = CHOICES[f.name]
-        what = HELP.get(f.name, "")
-        kw["help"] = f"{what} (default: {default}, unless the preset sets it)" if what else f"(default: {default})"
+        if meta.get("choices"):
+            kw["choices"] = meta["choices"]
+        what = meta.get("help", "")
+        shown = "auto" if default is None else default
+        kw["help"] = f"{what} (default: {shown}, unless the preset sets it)" if what else f"(default: {shown})"
         parser.add_argument(_flag(f.name), **kw)
 
 
-def resolve_preset(args: argparse.Namespace, device_type: str) -> tuple[ModelConfig, TrainConfig]:
-    """Merge dataclass defaults, the preset and the flags that were given."""
-    preset = args.preset or "auto"
+def resolve_configs(
+    preset: str, device_type: str, model: dict | None = None, train: dict | None = None
+) -> tuple[ModelConfig, TrainConfig]:
+    """Dataclass defaults < the preset < ``model`` / ``train`` overrides; ``preset`` ``auto`` picks ``original``
+    on CUDA and ``cpu`` elsewhere. The result is validated, and ``TrainConfig.preset`` names the preset used."""
+    preset = preset or "auto"
     if preset == "auto":
         preset = "original" if device_type == "cuda" else "cpu"
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     model_over, train_over = PRESETS[preset]
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    model_kw = {**model_over, **{f.name: given[f.name] for f in fields(ModelConfig) if f.name in given}}
-    train_kw = {**train_over, **{f.name: given[f.name] for f in fields(TrainConfig) if f.name in given}}
-    train_kw["preset"] = preset
-    try:
-        mcfg = ModelConfig(**model_kw)
-    except TypeError as e:  # pragma: no cover - argparse already typed the values
-        raise UserError(str(e)) from None
-    tcfg = TrainConfig(**train_kw)
+    mcfg = ModelConfig(**{**model_over, **(model or {})})
+    tcfg = TrainConfig(**{**train_over, **(train or {}), "preset": preset})
     validate(mcfg, tcfg)
     return mcfg, tcfg
 
 
+def resolve_preset(args: argparse.Namespace, device_type: str) -> tuple[ModelConfig, TrainConfig]:
+    """:func:`resolve_configs` from parsed flags (those not given are None and leave the preset's value)."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    model = {f.name: given[f.name] for f in fields(ModelConfig) if f.name in given}
+    train = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given and f.name != "preset"}
+    return resolve_configs(args.preset, device_type, model, train)
+
+
+def resume_free() -> frozenset[str]:
+    """The training settings a ``--resume`` may change without changing the run."""
+    return frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("resume_free"))
+
+
 def validate(mcfg: ModelConfig, tcfg: TrainConfig) -> None:
-    """Refuse values that cannot work, each with one line naming the flag."""
-    positive = {
-        "num_epochs": tcfg.num_epochs,
-        "batch_size": tcfg.batch_size,
-        "sample_steps": tcfg.sample_steps,
-        "log_every": tcfg.log_every,
-        "emb_dim": mcfg.emb_dim,
-        "blocks_per_level": mcfg.blocks_per_level,
-        "groups": mcfg.groups,
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise UserError(f"{_flag(name)} must be > 0, got {value}")
-    nonneg = {
-        "num_workers": tcfg.num_workers,
-        "warmup_steps": tcfg.warmup_steps,
-        "checkpoint_every": tcfg.checkpoint_every,
-        "max_steps": tcfg.max_steps,
-        "subset": tcfg.subset,
-        "ema_warmup": tcfg.ema_warmup,
-        "weight_decay": tcfg.weight_decay,
-    }
-    for name, value in nonneg.items():
-        if not value >= 0:  # also refuses nan
-            raise UserError(f"{_flag(name)} must be >= 0, got {value}")
-    if not (tcfg.lr > 0 and math.isfinite(tcfg.lr)):
-        raise UserError(f"--lr must be a finite number > 0, got {tcfg.lr}")
-    if not 0.0 <= tcfg.lr_min_ratio <= 1.0:
-        raise UserError(f"--lr-min-ratio must be in [0, 1], got {tcfg.lr_min_ratio}")
-    if not math.isfinite(tcfg.weight_decay):
-        raise UserError(f"--weight-decay must be finite, got {tcfg.weight_decay}")
-    if not 0.0 <= tcfg.label_drop < 1.0:
-        raise UserError(f"--label-drop must be in [0, 1), got {tcfg.label_drop}")
-    if not 0.0 <= tcfg.ema_decay < 1.0:
-        raise UserError(f"--ema-decay must be in [0, 1), got {tcfg.ema_decay}")
-    if any(c <= 0 for c in mcfg.channels):
+    """Refuse values that cannot work, each with one line naming the flag (the rules live on the fields)."""
+    for cfg in (tcfg, mcfg):
+        for f in fields(cfg):
+            check, value = f.metadata.get("check"), getattr(cfg, f.name)
+            if check is not None and not check[0](value):
+                raise UserError(f"{_flag(f.name)} must be {check[1]}, got {value}")
+    if not mcfg.channels or any(c <= 0 for c in mcfg.channels):
         raise UserError(f"--channels must be positive, got {mcfg.channels}")
     if len(mcfg.channels) > 3:  # 28 -> 14 -> 7 pixels; a 4th level (7 -> 4 -> 8) cannot be joined back
         raise UserError(f"--channels takes 1 to 3 levels (28, 14, 7 pixels), got {len(mcfg.channels)}")

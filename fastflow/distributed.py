@@ -25,7 +25,7 @@ __all__ = [
     "init_distributed",
     "barrier",
     "shutdown",
-    "wrap_ddp",
+    "broadcast_module",
     "local_main_first",
     "all_reduce_sum",
     "check_same",
@@ -58,6 +58,11 @@ class Dist:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def group(self):
+        """The process group the train step averages gradients over (None in one process)."""
+        return tdist.group.WORLD if self.enabled else None
 
     def local_device(self, device: torch.device) -> torch.device:
         """The device this rank trains on: ``cuda:LOCAL_RANK`` on CUDA under torchrun, else ``device``."""
@@ -114,20 +119,14 @@ def shutdown(dist: Dist) -> None:
         tdist.destroy_process_group()
 
 
-def wrap_ddp(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:
-    """``model`` in DistributedDataParallel when the job has several ranks, else ``model`` itself.
-
-    DDP averages the gradients over ranks during backward, so the update equals one process's update on the
-    global batch. Keep the unwrapped ``model`` for the optimizer, EMA and checkpoints (no ``module.`` prefix).
-    """
+def broadcast_module(model: torch.nn.Module, dist: Dist) -> None:
+    """Make every rank's parameters and buffers rank 0's (what DDP does when it wraps a model); a no-op in one
+    process. After this, equal averaged gradients (:func:`fastflow.step.average_over_ranks`) keep them equal."""
     if not dist.enabled:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return DDP(model, device_ids=[index], output_device=index)
-    return DDP(model)
+        return
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            tdist.broadcast(t.data, src=0)
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ def flow_matching_loss(
 
     The network may run in bf16 under ``ctx``; x_t and the loss are computed in fp32 by the kernels.
     """
-    x_t, _ = kernels.flow_path(z, eps, t)  # [B, 1, 28, 28] fp32
+    x_t, _ = kernels.flow_path(z, eps, t, with_target=False)  # [B, 1, 28, 28] fp32; u is never stored
     with ctx:
         v = model(x_t, t, y)
     return kernels.flow_matching_loss(v, z, eps)

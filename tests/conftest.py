@@ -53,3 +53,17 @@ def tiny_run(tmp_path_factory, mnist_root, cli_env) -> Path:
     p = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr[-2000:]
     return d
+
+
+def pytest_runtest_setup(item):
+    """`cuda`-marked tests need a CUDA GPU and native kernels: they skip without a GPU, and under
+    TRITON_INTERPRET=1 (``make test``), where the interpreter's kernels must never run inside torch.compile or a
+    CUDA graph. fp32 comparisons on a GPU run without TF32 (fastflow's runs choose it: ``--tf32``)."""
+    if item.get_closest_marker("cuda") is None:
+        return
+    import torch
+
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU and native kernels (TRITON_INTERPRET unset or 0)")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False

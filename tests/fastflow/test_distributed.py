@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastflow.distributed import Dist, init_distributed, wrap_ddp
+from fastflow.distributed import Dist, broadcast_module, init_distributed
 
 TINY = ["--preset", "tiny", "--subset", "256", "--log-every", "1", "--amp", "none", "--sample-steps", "2"]
 # fp32 summation order: N ranks sum each half of the batch apart, then DDP averages; Adam then scales the
@@ -35,19 +35,19 @@ TIMEOUT_S = 300  # per command: a hang fails the test instead of the CI job
 HARNESS = """
 import os, sys
 import torch
-from fastflow import train
+from fastflow import train, trainer
 
 out = sys.argv[1]
 fail_rank, fail_step = (int(v) for v in os.environ.get("HARNESS_FAIL", "-1:-1").split(":"))
 snaps = {}
-_step, _fit = train.Trainer.train_step, train.Trainer.fit
+_step, _fit = trainer.Trainer.train_step, trainer.Trainer.fit
 
 
 def train_step(self, z, y):
     if (self.dist.rank, self.step + 1) == (fail_rank, fail_step):
         raise RuntimeError(f"injected failure on rank {fail_rank} at step {fail_step}")
-    loss = _step(self, z, y)
-    snaps[self.step + 1] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+    loss = _step(self, z, y)  # advances self.step
+    snaps[self.step] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
     return loss
 
 
@@ -60,34 +60,35 @@ def fit(self):
             "history": self.history,
             "process_group": torch.distributed.is_initialized(),
             "world_size": self.dist.world_size,
-            "ddp": type(self.train_model).__name__,
+            "averages_over": self.train_fn.process_group is not None,
         },
         os.path.join(out, f"rank{self.dist.rank}.pt"),
     )
     return rc
 
 
-train.Trainer.train_step, train.Trainer.fit = train_step, fit
+trainer.Trainer.train_step, trainer.Trainer.fit = train_step, fit
 sys.exit(train.main(sys.argv[2:]))
 """
 
 
-# --compile under torchrun: fastflow.compile.CompiledTrainStep on a DDP-wrapped model averages the gradients
-# itself (DDP's hooks never see torch.autograd.grad). Two ranks each take half of a global batch of 8 through the
-# compiled step (traced by Dynamo + AOTAutograd, backend aot_eager: no minutes of C++ code generation); rank 0
-# also runs the eager single-process step on the whole batch as the reference.
+# The train step under torchrun (fastflow.step.TrainStep with the process group) averages the gradients itself,
+# eager or compiled. Two ranks each take half of a global batch of 8 through the step (compiled: traced by Dynamo
+# + AOTAutograd, backend aot_eager: no minutes of C++ code generation); rank 0 also runs torch's own single-process
+# loop (loss.backward, AdamW.step) on the whole batch as the reference.
 COMPILED_HARNESS = """
 import os, sys
 import torch
 import torch.distributed as tdist
 from fastflow import path as fm
-from fastflow.compile import CompiledTrainStep, make_optimizer
+from fastflow.distributed import Dist, broadcast_module
+from fastflow.step import TrainStep, make_optimizer
 from fastflow.config import PRESETS, ModelConfig
 from fastflow.device import autocast
 from fastflow.ema import EMA
 from fastflow.unet import UNet
 
-out, update = sys.argv[1], sys.argv[2]
+out, mode = sys.argv[1], sys.argv[2]
 tdist.init_process_group("gloo")
 rank, world = tdist.get_rank(), tdist.get_world_size()
 cpu, ctx, lrs, B = torch.device("cpu"), autocast(torch.device("cpu"), None), (1e-3, 2e-3), 8
@@ -100,25 +101,27 @@ def parts():
     with torch.no_grad():  # non-zero everywhere (conv_out starts at zero)
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model, make_optimizer(model.parameters(), 1e-3, 0.01, cpu, compiled=True), EMA(model, 0.999, 10)
+    return model, make_optimizer(model.parameters(), 1e-3, 0.01), EMA(model, 0.999, 10)
 
 
 g = torch.Generator().manual_seed(1)
 batches = [(torch.rand(B, 1, 28, 28, generator=g) * 2 - 1, torch.randint(0, 11, (B,), generator=g),
             torch.rand(B, generator=g), torch.randn(B, 1, 28, 28, generator=g)) for _ in lrs]
 model, opt, ema = parts()
-if rank == 1:  # a different start on rank 1: DDP's broadcast at wrap time must make it rank 0's
+if rank == 1:  # a different start on rank 1: the broadcast (as in the Trainer) must make it rank 0's
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
-ddp = torch.nn.parallel.DistributedDataParallel(model)
+broadcast_module(model, Dist(rank, world))
+ema = EMA(model, 0.999, 10)
 start = {k: v.clone() for k, v in model.state_dict().items()}
-step = CompiledTrainStep(ddp, opt, ema, ctx, update=update, backend="aot_eager")
+step = TrainStep(model, opt, ema, ctx, mode=mode, process_group=tdist.group.WORLD, backend="aot_eager")
 lo, hi = rank * B // world, (rank + 1) * B // world
 losses = [step(*(x[lo:hi] for x in b), lr) for b, lr in zip(batches, lrs)]
 rec = {"weights": {k: v.clone() for k, v in model.state_dict().items()},
        "ema": {k: v.clone() for k, v in ema.shadow.state_dict().items()}, "losses": torch.stack(losses), "start": start}
 if rank == 0:
-    ref, ref_opt, ref_ema = parts()
+    ref, _, ref_ema = parts()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01)
     for (z, y, t, eps), lr in zip(batches, lrs):
         for grp in ref_opt.param_groups:
             grp["lr"] = lr
@@ -128,7 +131,7 @@ if rank == 0:
         ref_ema.update(ref)
     rec["ref"] = {k: v.clone() for k, v in ref.state_dict().items()}
     rec["ref_ema"] = {k: v.clone() for k, v in ref_ema.shadow.state_dict().items()}
-torch.save(rec, os.path.join(out, f"{update}-rank{rank}.pt"))
+torch.save(rec, os.path.join(out, f"{mode}-rank{rank}.pt"))
 tdist.destroy_process_group()
 """
 
@@ -218,7 +221,10 @@ def test_plain_python_has_no_process_group(monkeypatch):
     assert dist == Dist() and not dist.enabled and dist.is_main
     assert not torch.distributed.is_initialized()
     model = torch.nn.Linear(2, 2)
-    assert wrap_ddp(model, dist, torch.device("cpu")) is model
+    before = [p.detach().clone() for p in model.parameters()]
+    broadcast_module(model, dist)  # a no-op in one process
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert dist.group is None
 
 
 def test_torchrun_with_one_process_has_no_process_group(monkeypatch):
@@ -242,8 +248,8 @@ def test_local_device():
 def test_two_ranks_agree_and_match_one_process(chain):
     a0, a1 = chain["A"]
     (b,) = chain["B"]
-    assert (a0["process_group"], a0["world_size"], a0["ddp"]) == (True, 2, "DistributedDataParallel")
-    assert (b["process_group"], b["world_size"], b["ddp"]) == (False, 1, "UNet")
+    assert (a0["process_group"], a0["world_size"], a0["averages_over"]) == (True, 2, True)
+    assert (b["process_group"], b["world_size"], b["averages_over"]) == (False, 1, False)
     for s in (1, 2, 3):
         _assert_equal(a0["weights"][s], a1["weights"][s], f"rank 0 vs rank 1 after step {s}")
         _assert_close(a0["weights"][s], b["weights"][s], f"2 processes vs 1 after step {s}")
@@ -317,20 +323,20 @@ def test_failure_on_one_rank_ends_the_job(tmp_path, mnist_root, cli_env):
     assert not list((tmp_path / "out").iterdir()), "a rank finished training although its peer had failed"
 
 
-@pytest.mark.parametrize("update", ["eager", "graph"])
-def test_compiled_step_under_ddp_matches_one_process(tmp_path, cli_env, update):
-    """``--compile`` under torchrun: the compiled step averages the gradients over the ranks (CPU path: after the
-    graph, ``update="eager"``; CUDA path: inside it, ``update="graph"``), so 2 ranks at half the batch each end
-    where one eager process ends on the whole batch, and the ranks stay bit-identical.
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_step_under_torchrun_matches_one_process(tmp_path, cli_env, mode):
+    """The train step under torchrun averages the gradients over the ranks (eagerly with all_reduce; compiled
+    inside the graph with the functional collective, the path CUDA graphs capture), so 2 ranks at half the batch
+    each end where one process ends on the whole batch, and the ranks stay bit-identical.
 
     Tolerance: AdamW moves each weight by ~lr per step whatever the gradient's size, so the bound is on the update
     (as in test_compile.py): max |Δθ| within 2% of Σlr. Gradients that were never averaged, or averaged twice, move
     the weights by ~lr (the half-batch gradient of one rank is not the global one): 50× the bound."""
     harness = tmp_path / "harness.py"
     harness.write_text(COMPILED_HARNESS)
-    p = _run([*_launch(2), str(harness), str(tmp_path), update], cli_env)
+    p = _run([*_launch(2), str(harness), str(tmp_path), mode], cli_env)
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-    r0, r1 = (torch.load(tmp_path / f"{update}-rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"{mode}-rank{r}.pt", weights_only=True) for r in (0, 1))
     _assert_equal(r0["weights"], r1["weights"], "rank 0 vs rank 1 weights")
     _assert_equal(r0["ema"], r1["ema"], "rank 0 vs rank 1 EMA")
     budget = 1e-3 + 2e-3

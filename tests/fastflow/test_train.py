@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from fastflow.classifier import Classifier
 from fastflow.config import PRESETS, ModelConfig, TrainConfig
-from fastflow.train import Trainer
+from fastflow.trainer import Trainer
 
 
 def test_short_training_lowers_the_loss(mnist_root, tmp_path):
