@@ -4,6 +4,7 @@ interrupted row, the README's tables. Cheap: the tiny preset, two iterations, fa
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +218,30 @@ def test_tables_command_reads_result_files(tmp_path, capsys):
     assert "| eager-fp32 | 280.5 (914) |" in out
     (tmp_path / "junk.json").write_text("[]")
     assert bm.main(["tables", str(tmp_path / "junk.json")]) == 1
+
+
+@pytest.mark.skipif(os.name != "posix", reason="bash script")
+def test_gpu_check_dry_run(cli_env):
+    """The GPU check's dry run on a CPU: its stages in order with their budgets, every import with this python,
+    pytest collecting what stages 1 and 2 run; exit 0."""
+    env = {**cli_env, "PY": sys.executable}
+    p = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    out = p.stdout
+    order = [out.index(f"  {n}.") for n in ("1", "2", "3", "4", "5a", "5b", "6")]
+    assert order == sorted(order)
+    assert "ends by  110 s" in out and "ok       train side" in out
+    assert "stage 1 collects:" in out and "stage 2 collects:" in out and "cannot import" not in out
+    assert out.rstrip().endswith("gpu_check --dry-run: ok")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="bash script")
+def test_gpu_check_dry_run_names_a_missing_import(tmp_path, cli_env):
+    """A module the stages need that does not import: a one-line reason and a non-zero exit."""
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('no triton on this machine')\n")
+    env = {**cli_env, "PY": sys.executable, "PYTHONPATH": str(tmp_path)}
+    p = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-2000:]
+    assert "cannot import: triton (ImportError: no triton on this machine" in p.stdout
+    assert p.stdout.rstrip().splitlines()[-1].startswith("gpu_check --dry-run: FAILED: an import the stages need")
