@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 SUITES = {
     "kernels": "bench.kernels",  # each Triton op vs the reference, GB/s
     "train": "bench.model",  # train-step images/s and memory across batch sizes and modes
     "sample": "bench.model",  # sampler images/s at 10, 20 and 50 NFE
+    "tables": "bench.model",  # the README's tables from result files: python -m bench tables FILE.json ...
 }
+
+
+INTERRUPTED = 130  # bench.model.main's status after Ctrl-C / SIGINT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     if suite == "all":
         rc = 0
         for name in ("kernels", "train", "sample"):
-            rc |= importlib.import_module(SUITES[name]).main([name, *rest] if name != "kernels" else rest)
+            one = importlib.import_module(SUITES[name]).main([name, *rest] if name != "kernels" else rest)
+            if one == INTERRUPTED:
+                return one
+            rc |= one
         return rc
     if suite not in SUITES:
         print(f"error: unknown suite {suite!r}; choose one of {', '.join(SUITES)}, all", file=sys.stderr)
@@ -31,4 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if rc == INTERRUPTED:  # the grid wrote its rows and tables; don't wait at exit for compile workers or
+        sys.stdout.flush()  # DataLoader processes that got the same SIGINT (gpu_check.sh's budget)
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)

@@ -2,14 +2,27 @@
 and modes, on whatever device runs it.
 
 Each (mode, batch size) is measured in a fresh subprocess: peak RSS is a per-process high-water mark, so rows
-measured in one process would inherit each other's peaks (``--in-process`` does that anyway, for quick looks).
-A train iteration is what the training loop does per step: fetch the batch (the device-resident loader, or for
-``seed-baseline`` torchvision's MNIST through a ``DataLoader`` with one worker), draw t/ε/label-drop, and
-:meth:`fastflow.train.Trainer.train_step` (eager, or the compiled unit of :mod:`fastflow.compile`). A sample
-iteration is one fixed-step Euler sampling call of ``batch`` images at 10, 20 and 50 NFE.
+measured in one process would inherit each other's peaks (``--in-process`` measures every row in this process,
+quicker: on CUDA each row then starts from a reset Dynamo, freed CUDA-graph pools, an emptied cache and a reset
+peak, so its peak is its own; on CPU the RSS peak accumulates). A train iteration is what the training loop does
+per step: fetch the batch (the device-resident loader, or for ``seed-baseline`` a one-worker ``DataLoader`` that
+converts each image as torchvision's MNIST does) and ``Trainer.train_step`` (the draws of t/ε/label-drop, the
+step, eager or compiled). A sample iteration is one fixed-step Euler sampling call of ``batch`` images at 10, 20
+and 50 NFE.
+
+Timing: on CPU every call is synchronised and timed alone (median and 20/80 quantiles over calls, and the process
+CPU seconds per call). On CUDA a synchronisation per call would stop the host from queueing step k+1 while the
+GPU runs step k, which is exactly what CUDA graphs buy: there ``--iters`` calls run back to back between two CUDA
+events, ``--repeats`` times, and the per-iteration figures are each window's time / iters (median and quantiles
+over the windows).
+
+Data (train): ``--data auto`` trains on MNIST when its files are in ``--data-root`` and otherwise on synthetic
+uint8 digit-shaped noise with a line saying so (images/s does not depend on pixel values); it never downloads.
 
 Rows go to ``bench/results/<suite>-<device>.json`` and ``.csv`` (rewritten after every row, so an interrupted
-run keeps what it measured); a markdown table is printed at the end. ``plot/bench.py`` draws them.
+run keeps what it measured); a failing row is recorded with its one-line reason and the grid goes on. At the end
+a markdown table of the rows and the README's table (mode × batch) are printed; ``python -m bench tables FILE...``
+prints the latter from result files, ``plot/bench.py`` draws them.
 """
 
 from __future__ import annotations
@@ -31,16 +44,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastflow.errors import ArgumentParser
+from fastflow.errors import ArgumentParser, UserError
 
 __all__ = [
     "MODES",
     "Mode",
+    "DATA",
+    "training_api",
+    "resolve_data",
+    "synthetic_mnist",
     "train_runner",
     "sample_runner",
     "measure",
     "run_row",
     "markdown_table",
+    "readme_table",
     "main",
 ]
 
@@ -67,6 +85,16 @@ MODES: dict[str, Mode] = {
     "seed-baseline": Mode(baseline=True),
 }
 BASELINE_BATCH = 32  # the original project's batch size
+# Row order of the README's tables: the baseline, then eager, then compiled.
+TABLE_ORDER = (
+    "seed-baseline",
+    "eager-fp32",
+    "eager-bf16",
+    "eager-bf16-channels-last",
+    "compile",
+    "compile-bf16",
+    "compile-bf16-cudagraphs",
+)
 
 
 def skip_reason(suite: str, mode: str, batch: int, device_type: str) -> str | None:
@@ -81,17 +109,111 @@ def skip_reason(suite: str, mode: str, batch: int, device_type: str) -> str | No
     return None
 
 
+# -- the training API bench builds on -----------------------------------------------------------------------------
+# bench codes against ``fastflow.trainer.Trainer(mcfg, cfg, device, dist=Dist(), data=None)``, whose
+# ``train_step(z, y)`` draws, schedules, steps and advances ``trainer.step`` itself, and against
+# ``fastflow.config.resolve_configs(preset, device_type, model=, train=)``.
+# SHIM: until the training renovation lands, _ShimTrainer and _shim_resolve_configs map that API onto
+# fastflow.train.Trainer and fastflow.config.resolve_preset. Delete both, and the two fallbacks in training_api,
+# once fastflow.trainer and resolve_configs exist.
+
+
+def training_api() -> tuple[Callable, Callable]:
+    """``(Trainer, resolve_configs)``; importing them is also the GPU check's import test of the train side."""
+    try:
+        from fastflow.trainer import Trainer
+    except ModuleNotFoundError as e:
+        if e.name != "fastflow.trainer":  # a missing dependency of the real module: say so
+            raise
+        Trainer = _ShimTrainer  # SHIM
+    try:
+        from fastflow.config import resolve_configs
+    except ImportError:
+        resolve_configs = _shim_resolve_configs  # SHIM
+    return Trainer, resolve_configs
+
+
+class _ShimTrainer:  # SHIM: the pre-renovation Trainer behind the new constructor and step contract
+    def __init__(self, mcfg, cfg, device, dist=None, data=None):
+        import fastflow.train as ft
+        from fastflow.distributed import Dist
+
+        load = ft.load_mnist
+        if data is not None:  # the old Trainer always loads MNIST from cfg.data_root
+            ft.load_mnist = lambda *args, **kwargs: data
+        try:
+            self._trainer = ft.Trainer(mcfg, cfg, device, dist or Dist())
+        finally:
+            ft.load_mnist = load
+
+    def train_step(self, z, y):
+        loss = self._trainer.train_step(z, y)
+        self._trainer.step += 1  # the old step left this to the loop
+        return loss
+
+    def __getattr__(self, name: str):
+        return getattr(self._trainer, name)
+
+
+def _shim_resolve_configs(preset: str, device_type: str, model: dict | None = None, train: dict | None = None):
+    from fastflow.config import resolve_preset  # SHIM
+
+    return resolve_preset(argparse.Namespace(preset=preset, **(model or {}), **(train or {})), device_type)
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+
+DATA = ("auto", "synthetic", "mnist")
+SYNTHETIC_IMAGES = 60000  # as many as MNIST's training set: the same epoch length and loader work
+
+
+def resolve_data(kind: str, root: str) -> tuple[str, str | None]:
+    """``(kind, line)``: ``auto`` becomes ``mnist`` when MNIST's files are in ``root`` and ``synthetic`` otherwise
+    (``line`` then says so); nothing is downloaded or rebuilt. ``mnist`` loads as training does (which may)."""
+    if kind not in DATA:
+        raise UserError(f"--data {kind!r}: choose one of {', '.join(DATA)}")
+    if kind != "auto":
+        return kind, None
+    from fastflow.data import raw_dir, verify
+
+    if not verify(root):  # [] = all four files there with the right checksums
+        return "mnist", None
+    return "synthetic", (
+        f"data: no MNIST in {raw_dir(root)}: training on synthetic uint8 noise of MNIST's shape "
+        f"({SYNTHETIC_IMAGES} x 28 x 28, labels 0-9); images/s does not depend on the pixel values"
+    )
+
+
+def synthetic_mnist(n: int = SYNTHETIC_IMAGES, seed: int = 0):
+    """``fastflow.data.MNISTArrays`` of uniform uint8 noise: images [n, 28, 28] uint8, labels [n] int64 in 0..9."""
+    import torch
+
+    from fastflow.data import MNISTArrays
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.int64)
+    return MNISTArrays(images, labels)
+
+
+class _SyntheticImages:
+    """The seed loop's dataset on synthetic pixels: per item a PIL image from the uint8 array and the transform,
+    the work ``torchvision.datasets.MNIST.__getitem__`` does per image (a TensorDataset of ready tensors would
+    skip it and flatter the baseline)."""
+
+    def __init__(self, arrays, transform):
+        self.images, self.labels, self.transform = arrays.images, arrays.labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i].numpy())), int(self.labels[i])
+
+
 # -- the measured functions (shared with tests/bench) ------------------------------------------------------------
-
-
-def _configs(preset: str, device_type: str, model: dict | None = None):
-    """(preset name, ModelConfig, training overrides); ``model`` overrides the preset's model fields."""
-    from fastflow.config import PRESETS, ModelConfig
-
-    if preset == "auto":
-        preset = "original" if device_type == "cuda" else "cpu"
-    model_over, train_over = PRESETS[preset]
-    return preset, ModelConfig(**{**model_over, **(model or {})}), dict(train_over)
 
 
 def train_runner(
@@ -100,26 +222,28 @@ def train_runner(
     *,
     preset: str = "auto",
     device: str = "auto",
+    data: str = "auto",
     data_root: str = "data",
     workdir: str | None = None,
     model: dict | None = None,
 ) -> tuple[Callable[[], object], dict]:
-    """One training-loop iteration per call (fetch a batch, draw t/ε/labels, Trainer.train_step); returns
-    ``(run, info)``. ``run()`` returns the step's loss (a 0-d tensor, not synchronised)."""
+    """One training-loop iteration per call (fetch a batch, ``Trainer.train_step``); returns ``(run, info)``.
+    ``run()`` returns the step's loss (a 0-d tensor, not synchronised). ``data``: auto, synthetic or mnist
+    (:func:`resolve_data`); ``info["data"]`` is the one used."""
     import torch
 
-    from fastflow.config import TrainConfig
     from fastflow.device import resolve_device
-    from fastflow.train import Trainer
 
+    Trainer, resolve_configs = training_api()
     m = MODES[mode]
     dev = resolve_device(device)
-    preset, mcfg, train_over = _configs(preset, dev.type, model)
+    data, _ = resolve_data(data, data_root)
     workdir = workdir or tempfile.mkdtemp(prefix="fastflow-bench-")
-    cfg = TrainConfig(
-        **{
-            **train_over,
-            "preset": preset,
+    mcfg, cfg = resolve_configs(
+        preset,
+        dev.type,
+        model=model,
+        train={
             "batch_size": batch,
             "amp": m.amp,
             "compile": m.compile,
@@ -129,14 +253,15 @@ def train_runner(
             "model_dir": str(Path(workdir) / "model"),
             "result_dir": str(Path(workdir) / "result"),
             "num_epochs": 1000,  # the lr schedule never reaches its end inside a benchmark
-        }
+        },
     )
-    trainer = Trainer(mcfg, cfg, dev)
+    arrays = synthetic_mnist(seed=cfg.seed) if data == "synthetic" else None  # None: the Trainer loads MNIST
+    trainer = Trainer(mcfg, cfg, dev, data=arrays)
     if m.channels_last:
         trainer.model.to(memory_format=torch.channels_last)
 
     if m.baseline:
-        batches = _baseline_batches(data_root, batch, cfg.seed, cfg.num_workers)
+        batches = _baseline_batches(data_root, batch, cfg.seed, cfg.num_workers, arrays)
     else:
         batches = _device_batches(trainer)
 
@@ -144,11 +269,13 @@ def train_runner(
         z, y = next(batches)
         if m.baseline:
             z, y = z.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        loss = trainer.train_step(z, y)
-        trainer.step += 1
-        return loss
+        return trainer.train_step(z, y)
 
-    info = {"preset": preset, "model": mcfg, "device": dev, "trainer": trainer}
+    loader = "device-resident, a seeded permutation per epoch"
+    if m.baseline:
+        pixels = "torchvision's MNIST" if arrays is None else "synthetic pixels"
+        loader = f"DataLoader, {cfg.num_workers} worker(s), per image PIL + ToTensor + Normalize ({pixels})"
+    info = {"preset": cfg.preset, "model": mcfg, "device": dev, "trainer": trainer, "data": data, "loader": loader}
     return run, info
 
 
@@ -159,20 +286,24 @@ def _device_batches(trainer):
         epoch += 1
 
 
-def _baseline_batches(data_root: str, batch: int, seed: int, num_workers: int):
-    """The seed project's input pipeline: torchvision's MNIST dataset, ToTensor + scaling to [-1, 1] per image
-    in a worker process, shuffled by a DataLoader."""
+def _baseline_batches(data_root: str, batch: int, seed: int, num_workers: int, arrays=None):
+    """The seed project's input pipeline: torchvision's MNIST dataset (or, with ``arrays``, synthetic pixels
+    through the same per-image work), ToTensor + scaling to [-1, 1] per image in a worker process, shuffled by
+    a DataLoader."""
     import torch
     import torchvision
     from torch.utils.data import DataLoader
 
-    from fastflow.data import ensure_mnist
-
-    ensure_mnist(data_root, verbose=False)
     tf = torchvision.transforms.Compose(
         [torchvision.transforms.ToTensor(), torchvision.transforms.Normalize((0.5,), (0.5,))]
     )
-    ds = torchvision.datasets.MNIST(data_root, train=True, download=False, transform=tf)
+    if arrays is None:
+        from fastflow.data import ensure_mnist
+
+        ensure_mnist(data_root, verbose=False)
+        ds = torchvision.datasets.MNIST(data_root, train=True, download=False, transform=tf)
+    else:
+        ds = _SyntheticImages(arrays, tf)
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         ds,
@@ -181,7 +312,7 @@ def _baseline_batches(data_root: str, batch: int, seed: int, num_workers: int):
         num_workers=num_workers,
         drop_last=True,
         generator=g,
-        persistent_workers=True,
+        persistent_workers=num_workers > 0,
     )
     while True:
         yield from loader
@@ -200,9 +331,10 @@ def sample_runner(
     from fastflow.solvers import sample
     from fastflow.unet import UNet
 
+    _, resolve_configs = training_api()
     m = MODES[mode]
     dev = resolve_device(device)
-    preset, mcfg, _ = _configs(preset, dev.type, model)
+    mcfg, cfg = resolve_configs(preset, dev.type, model=model)
     torch.manual_seed(seed)
     model = UNet(mcfg).to(dev).eval().requires_grad_(False)
     if m.channels_last:
@@ -222,7 +354,7 @@ def sample_runner(
             g.manual_seed(seed)
             return sample(model, labels, steps, generator=g, ctx=ctx)[0]
 
-    return run, {"preset": preset, "model": mcfg, "device": dev, "net": model}
+    return run, {"preset": cfg.preset, "model": mcfg, "device": dev, "net": model}
 
 
 # -- timing -------------------------------------------------------------------------------------------------------
@@ -238,10 +370,46 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def measure(fn: Callable[[], object], device, warmup: int, iters: int) -> dict:
-    """Wall time of ``fn`` per call: the first call (compilation, if any) apart, ``warmup - 1`` more untimed calls,
-    then ``iters`` timed ones, each synchronised. Also the process CPU seconds per timed call (on a shared CPU,
-    wall time moves with the neighbours' load; CPU time much less)."""
+def _per_call(fn: Callable[[], object], device, iters: int) -> tuple[list[float], list[float], object]:
+    """CPU: each call synchronised and timed alone; wall and process CPU seconds per call."""
+    from fastflow.device import synchronize
+
+    times, cpu, out = [], [], None
+    for _ in range(iters):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return times, cpu, out
+
+
+def _cuda_windows(fn: Callable[[], object], device, iters: int, repeats: int):
+    """CUDA: ``repeats`` windows of ``iters`` calls queued back to back between two events (no synchronisation
+    inside a window, so the host runs ahead of the GPU as in training). Per window: GPU seconds per call, and the
+    host's CPU seconds per call spent queueing them (before the wait for the GPU)."""
+    import torch
+
+    times, cpu, out = [], [], None
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        c0 = time.process_time()
+        start.record()
+        for _ in range(iters):
+            out = fn()
+        end.record()
+        cpu.append((time.process_time() - c0) / iters)
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / iters)
+    return times, cpu, out
+
+
+def measure(fn: Callable[[], object], device, warmup: int, iters: int, repeats: int = 5) -> dict:
+    """Seconds per call of ``fn``: the first call (compilation, if any) apart, ``warmup - 1`` more untimed calls,
+    then on CPU ``iters`` calls each synchronised and timed alone, on CUDA ``repeats`` windows of ``iters`` calls
+    timed between CUDA events (see the module docstring). Also the process CPU seconds per timed call (on a
+    shared CPU wall time moves with the neighbours' load, CPU time much less)."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -255,13 +423,12 @@ def measure(fn: Callable[[], object], device, warmup: int, iters: int) -> dict:
         out = fn()
     synchronize(device)
     graphs_before = counters["stats"]["unique_graphs"]
-    times, cpu = [], []
-    for _ in range(iters):
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+    if device.type == "cuda":
+        times, cpu, out = _cuda_windows(fn, device, iters, repeats)
+        timing = f"cuda events: {repeats} windows of {iters} calls"
+    else:
+        times, cpu, out = _per_call(fn, device, iters)
+        timing = f"per call: {iters} calls"
     finite = bool(torch.isfinite(torch.as_tensor(out).float()).all())
     med = statistics.median(times)
     return {
@@ -275,6 +442,7 @@ def measure(fn: Callable[[], object], device, warmup: int, iters: int) -> dict:
         # graphs inductor took from its on-disk cache: then compile_s is a cache load, not a compilation
         "fx_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
         "finite": finite,
+        "timing": timing,
     }
 
 
@@ -290,6 +458,38 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "triton": tv, "python": platform.python_version()}
 
 
+def _isa() -> str | None:
+    """The vector ISA torch's CPU kernels run with here (AVX512, AVX2, ...), where torch says."""
+    import torch
+
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # pragma: no cover - older torch
+        return None
+
+
+def _fresh_state(device_type: str) -> None:
+    """Leave nothing of an earlier row in this process: compiled graphs (and Dynamo's recompile counts), CUDA-graph
+    pools, cached blocks and the peak statistics. Needed with ``--in-process``; harmless in a fresh process."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch._dynamo.reset()
+    if device_type == "cuda":
+        try:  # torch._dynamo.reset frees the CUDA-graph trees only in newer torch
+            from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+            reset_cudagraph_trees()
+        except (ImportError, AttributeError):  # pragma: no cover - torch version
+            pass
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def run_row(spec: dict) -> list[dict]:
     """Measure one (suite, mode, batch) in this process; returns its rows (one per NFE for sampling)."""
     import torch
@@ -300,27 +500,33 @@ def run_row(spec: dict) -> list[dict]:
     base = {"suite": suite, "mode": mode, "batch": batch}
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    if spec["device"] == "cuda":  # peak per row, also when rows share a process (--in-process)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    _fresh_state(spec["device"])
+    start_mb = torch.cuda.memory_allocated() / 2**20 if spec["device"] == "cuda" else None
+    warmup, iters, repeats = spec["warmup"], spec["iters"], spec.get("repeats", 5)
     t_build = time.perf_counter()
     rows = []
-    if suite == "train":
-        run, info = train_runner(
-            mode,
-            batch,
-            preset=spec["preset"],
-            device=spec["device"],
-            data_root=spec["data_root"],
-            model=spec.get("model"),
-        )
-        r = measure(run, info["device"], spec["warmup"], spec["iters"])
-        rows.append({**base, "nfe": None, "steps": 1, **r})
-    else:
-        run, info = sample_runner(mode, batch, preset=spec["preset"], device=spec["device"], model=spec.get("model"))
-        for nfe in spec["nfe"]:
-            r = measure(lambda n=nfe: run(n), info["device"], spec["warmup"], spec["iters"])
-            rows.append({**base, "nfe": nfe, "steps": nfe, **r})
+    # Static shapes, as torch.compile(dynamic=False): each row is one batch size, and a graph made dynamic by an
+    # earlier row's shape would not be the graph training runs.
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, assume_static_by_default=True):
+        if suite == "train":
+            run, info = train_runner(
+                mode,
+                batch,
+                preset=spec["preset"],
+                device=spec["device"],
+                data=spec.get("data", "auto"),
+                data_root=spec["data_root"],
+                model=spec.get("model"),
+            )
+            r = measure(run, info["device"], warmup, iters, repeats)
+            rows.append({**base, "nfe": None, "steps": 1, "data": info["data"], "loader": info["loader"], **r})
+        else:
+            run, info = sample_runner(
+                mode, batch, preset=spec["preset"], device=spec["device"], model=spec.get("model")
+            )
+            for nfe in spec["nfe"]:
+                r = measure(lambda n=nfe: run(n), info["device"], warmup, iters, repeats)
+                rows.append({**base, "nfe": nfe, "steps": nfe, "data": None, **r})
     dev = info["device"]
     mem = peak_memory_mb(dev)
     common = {
@@ -329,12 +535,16 @@ def run_row(spec: dict) -> list[dict]:
         "emb_dim": info["model"].emb_dim,
         "device": dev.type,
         "device_name": device_name(dev),
+        "isa": _isa(),
         "threads": torch.get_num_threads(),
         "setup_s": time.perf_counter() - t_build,
         "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         **mem,
         **_versions(),
     }
+    if start_mb is not None:  # memory still held when the row began (an earlier row's, in-process): in the peak
+        common["start_allocated_mb"] = start_mb
+        common["cuda_capability"] = "sm_{}{}".format(*torch.cuda.get_device_capability(dev))
     for row in rows:
         row.update(common)
         row["images_per_s"] = batch / row["median_s"]
@@ -346,13 +556,13 @@ def run_row(spec: dict) -> list[dict]:
     return rows
 
 
-# -- the driver ---------------------------------------------------------------------------------------------------
+# -- tables -------------------------------------------------------------------------------------------------------
 
 COLUMNS = [
     "suite", "mode", "batch", "nfe", "images_per_s", "images_per_s_q20", "images_per_s_q80", "ms_per_step",
     "compile_s", "first_call_s", "fx_cache_hits", "images_per_cpu_s", "recompiles_timed", "peak_rss_mb", "torch_peak_mb",
     "nvml_used_mb", "loadavg_1m", "status", "preset", "channels", "emb_dim", "device", "device_name", "threads",
-    "torch", "triton",
+    "torch", "triton", "data", "loader", "timing", "isa", "start_allocated_mb",
 ]  # fmt: skip
 
 
@@ -397,6 +607,95 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _peak_mib(r: dict) -> float | None:
+    return r["torch_peak_mb"] if r.get("torch_peak_mb") is not None else r.get("peak_rss_mb")
+
+
+def _md_row(cells: list[str]) -> str:
+    return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+
+def caption(rows: list[dict]) -> str:
+    """One line naming what the rows were measured on: suite, device, versions, preset, data, timing."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return f"{rows[0]['suite'] if rows else '?'}: no measured rows"
+    r = ok[0]
+    data = f", data {r['data']}" if r.get("data") else ""
+    return (
+        f"{r['suite']} on {r.get('device_name')}, torch {r.get('torch')}, triton {r.get('triton')}, "
+        f"preset {r.get('preset')} "
+        f"({'/'.join(map(str, r.get('channels') or []))}){data}; timing: {r.get('timing', 'per call')}"
+    )
+
+
+def readme_table(rows: list[dict]) -> str:
+    """The README's form of one suite's rows: a mode per line, a batch size per column, each cell images/s
+    (sampling: at each NFE, ' / '-separated) and the peak memory in MiB in parentheses. An empty cell was not
+    measured or skipped; failed and interrupted rows are listed under the table with their reason."""
+    suite = rows[0]["suite"]
+    ok = [r for r in rows if r.get("status") == "ok"]
+    cuda = any(r.get("device") == "cuda" for r in ok)
+    mem_name = "peak MiB, torch.cuda" if cuda else "peak RSS MiB"
+    batches = sorted({r["batch"] for r in rows})
+    shown = {r["mode"] for r in rows if not str(r.get("status", "")).startswith("skipped")}
+    modes = [m for m in TABLE_ORDER if m in shown] + sorted(shown - set(TABLE_ORDER))
+    nfes = sorted({r["nfe"] for r in ok if r.get("nfe") is not None})
+    if suite == "sample":
+        title = f"sample images/s at {' / '.join(map(str, nfes)) or '?'} NFE ({mem_name})"
+    else:
+        title = f"train images/s ({mem_name})"
+    lines = [_md_row([title, *map(str, batches)]), "|---|" + "--:|" * len(batches)]
+    notes = []
+    for mode in modes:
+        cells = []
+        for b in batches:
+            mine = [r for r in rows if r["mode"] == mode and r["batch"] == b]
+            good = [r for r in mine if r.get("status") == "ok"]
+            bad = [r for r in mine if r.get("status") != "ok" and not str(r.get("status", "")).startswith("skipped")]
+            if good:
+                if suite == "sample":
+                    by_nfe = {r["nfe"]: r["images_per_s"] for r in good}
+                    value = " / ".join(f"{by_nfe[n]:.1f}" if n in by_nfe else "–" for n in nfes)
+                else:
+                    value = f"{good[0]['images_per_s']:.1f}"
+                peaks = [p for p in map(_peak_mib, good) if p is not None]
+                cells.append(f"{value} ({max(peaks):.0f})" if peaks else value)
+                left = max((r.get("start_allocated_mb") or 0.0) for r in good)
+                if left >= 1.0:
+                    notes.append(f"- {mode}, batch {b}: {left:.0f} MiB of earlier rows still allocated (in the peak)")
+            elif bad:
+                cut = str(bad[0].get("status", "")).startswith("interrupted")
+                cells.append("not finished" if cut else "failed")
+                notes.append(f"- {mode}, batch {b}: {bad[0].get('status')}")
+            else:
+                cells.append("")
+        lines.append(_md_row([mode, *cells]))
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def tables(paths: list[str]) -> int:
+    """``python -m bench tables FILE.json ...``: each result file's caption and README table."""
+    if not paths:
+        print("usage: python -m bench tables RESULT.json [...]", file=sys.stderr)
+        return 2
+    for i, p in enumerate(paths):
+        try:
+            rows = json.loads(Path(p).read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: {p}: not a bench result file ({type(e).__name__})", file=sys.stderr)
+            return 1
+        if not rows:
+            print(f"{p}: no rows")
+            continue
+        print(("\n" if i else "") + caption(rows) + "\n")
+        print(readme_table(rows))
+    return 0
+
+
+# -- the driver ---------------------------------------------------------------------------------------------------
+
+
 def _write(rows: list[dict], meta: dict, out_dir: Path, suite: str, slug: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{suite}-{slug}"
@@ -415,6 +714,16 @@ def _write(rows: list[dict], meta: dict, out_dir: Path, suite: str, slug: str) -
     return stem.with_suffix(".json")
 
 
+def _one_line(e: BaseException) -> str:
+    return f"error: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def _failed(spec: dict, status: str) -> list[dict]:
+    return [
+        {**{k: spec[k] for k in ("suite", "mode", "batch")}, "nfe": None, "device": spec["device"], "status": status}
+    ]
+
+
 def _worker(spec_json: str) -> int:
     spec = json.loads(spec_json)
     try:
@@ -423,15 +732,7 @@ def _worker(spec_json: str) -> int:
         import traceback
 
         traceback.print_exc()
-        rows = [
-            {
-                "suite": spec["suite"],
-                "mode": spec["mode"],
-                "batch": spec["batch"],
-                "nfe": None,
-                "status": f"error: {type(e).__name__}: {str(e)[:300]}",
-            }
-        ]
+        rows = _failed(spec, _one_line(e))
     print("ROWS " + json.dumps(rows, default=str), flush=True)
     return 0
 
@@ -453,16 +754,38 @@ def build_parser(suite: str) -> argparse.ArgumentParser:
     p.add_argument("--channels", type=parse_int_list, default=None, help="override the preset's U-Net widths")
     p.add_argument("--emb-dim", type=int, default=None, help="override the preset's embedding width")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--iters", type=int, default=10 if train else 3, help="timed iterations per row")
+    p.add_argument(
+        "--iters", type=int, default=10 if train else 3, help="timed iterations per row (CUDA: per timing window)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=5 if train else 3,
+        help="CUDA: timing windows of --iters back-to-back calls; quantiles over windows (CPU times each call)",
+    )
     p.add_argument("--warmup", type=int, default=3 if train else 1, help="untimed calls first (the first one compiles)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument(
+        "--data",
+        default="auto",
+        choices=DATA,
+        help="train images: mnist (from --data-root), synthetic (uint8 noise of MNIST's shape), "
+        "auto (mnist when its files are in --data-root, else synthetic; never downloads)",
+    )
     p.add_argument("--data-root", default="data")
     p.add_argument("--out", default=str(RESULTS), help="results folder (default: bench/results)")
     p.add_argument("--tag", default="", help="suffix for the result files, e.g. a machine name")
     p.add_argument(
-        "--in-process", action="store_true", help="measure every row in this process (peak memory then accumulates)"
+        "--in-process",
+        action="store_true",
+        help="measure every row in this process (quicker; on CPU the RSS peak then accumulates)",
     )
     p.add_argument("--timeout", type=float, default=1800, help="seconds per row before it is recorded as timed out")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows already in the result file (a row measured again replaces its old one)",
+    )
     return p
 
 
@@ -470,8 +793,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--worker":
         return _worker(argv[1])
+    if argv and argv[0] == "tables":
+        return tables(argv[1:])
     if not argv or argv[0] not in ("train", "sample"):
-        print("usage: python -m bench.model {train,sample} [flags]", file=sys.stderr)
+        print("usage: python -m bench.model {train,sample,tables} [flags]", file=sys.stderr)
         return 2
     suite = argv[0]
     args = build_parser(suite).parse_args(argv[1:])
@@ -480,20 +805,28 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}", file=sys.stderr)
         return 2
-    if args.iters <= 0 or args.warmup <= 0:
-        print("error: --iters and --warmup must be > 0", file=sys.stderr)
+    if args.iters <= 0 or args.warmup <= 0 or args.repeats <= 0:
+        print("error: --iters, --repeats and --warmup must be > 0", file=sys.stderr)
         return 2
     import torch
 
     from fastflow.device import resolve_device
 
-    dev = resolve_device(args.device)
+    try:
+        dev = resolve_device(args.device)
+        data, line = resolve_data(args.data, args.data_root) if suite == "train" else (None, None)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if line:
+        print(line, flush=True)
     meta = {
         "format": "fastflow-bench-1",
         "suite": suite,
         "argv": argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host_cpus": os.cpu_count(),
+        "data": data,
         **_versions(),
     }
     try:
@@ -511,41 +844,53 @@ def main(argv: list[str] | None = None) -> int:
     )
     slug += f"-{args.tag}" if args.tag else ""
     out_dir = Path(args.out)
-    for mode in modes:
-        for batch in args.batch_sizes:
-            why = skip_reason(suite, mode, batch, dev.type)
-            if why:
-                if not (MODES[mode].baseline and batch != BASELINE_BATCH and BASELINE_BATCH in args.batch_sizes):
-                    rows.append(
-                        {"suite": suite, "mode": mode, "batch": batch, "nfe": None, "status": f"skipped: {why}"}
-                    )
-                continue
-            spec = {
-                "suite": suite, "mode": mode, "batch": batch, "preset": args.preset, "device": dev.type,
-                "data_root": args.data_root, "warmup": args.warmup, "iters": args.iters, "nfe": list(args.nfe),
-                "threads": args.threads, "model": model_over,
-            }  # fmt: skip
-            t0 = time.perf_counter()
-            if args.in_process:
-                new = run_row(spec)
-            else:
-                new = _run_subprocess(spec, args.timeout)
-            rows.extend(new)
-            _write(rows, {**meta, "finished": None}, out_dir, suite, slug)
-            for r in new:
-                ips = f"{r['images_per_s']:.1f} img/s" if r.get("status") == "ok" else r.get("status")
-                nfe = "" if r.get("nfe") is None else f" NFE {r['nfe']:3d}"
-                print(
-                    f"[{suite}] {mode:24s} batch {batch:4d}{nfe}: {ips}  ({time.perf_counter() - t0:.0f} s)", flush=True
-                )
+    previous = out_dir / f"{suite}-{slug}.json"
+    if args.append and previous.exists():
+        try:
+            rows = list(json.loads(previous.read_text())["rows"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: --append: {previous} is not a bench result file ({type(e).__name__})", file=sys.stderr)
+            return 2
+    interrupted = False
+    grid = [(mode, batch) for mode in modes for batch in args.batch_sizes]
+    for mode, batch in grid:
+        rows = [r for r in rows if (r.get("mode"), r.get("batch")) != (mode, batch)]  # --append: measured anew
+        why = skip_reason(suite, mode, batch, dev.type)
+        if why:
+            if not (MODES[mode].baseline and batch != BASELINE_BATCH and BASELINE_BATCH in args.batch_sizes):
+                rows.append({"suite": suite, "mode": mode, "batch": batch, "nfe": None, "status": f"skipped: {why}"})
+            continue
+        spec = {
+            "suite": suite, "mode": mode, "batch": batch, "preset": args.preset, "device": dev.type,
+            "data": data, "data_root": args.data_root, "warmup": args.warmup, "iters": args.iters,
+            "repeats": args.repeats, "nfe": list(args.nfe), "threads": args.threads, "model": model_over,
+        }  # fmt: skip
+        t0 = time.perf_counter()
+        try:
+            new = run_row(spec) if args.in_process else _run_subprocess(spec, args.timeout)
+        except KeyboardInterrupt:  # Ctrl-C, or a caller's time budget (gpu_check.sh sends SIGINT): keep the rest
+            new, interrupted = _failed(spec, "interrupted (Ctrl-C or the caller's time budget)"), True
+        except Exception as e:  # in-process: one failing row must not end the grid
+            import traceback
+
+            traceback.print_exc()
+            new = _failed(spec, _one_line(e))
+        rows.extend(new)
+        _write(rows, {**meta, "finished": None}, out_dir, suite, slug)
+        for r in new:
+            ips = f"{r['images_per_s']:.1f} img/s" if r.get("status") == "ok" else r.get("status")
+            nfe = "" if r.get("nfe") is None else f" NFE {r['nfe']:3d}"
+            print(f"[{suite}] {mode:24s} batch {batch:4d}{nfe}: {ips}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if interrupted:
+            break
     path = _write(rows, {**meta, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, out_dir, suite, slug)
-    ok = [r for r in rows if r.get("status") == "ok"]
-    if ok:
-        print(
-            f"\n{suite} on {ok[0]['device_name']}, torch {ok[0]['torch']}, triton {ok[0]['triton']}, preset {ok[0]['preset']}:\n"
-        )
+    print(f"\n{caption(rows)}\n")
     print(markdown_table(rows))
+    print("\nThe README's table:\n")
+    print(readme_table(rows))
     print(f"\nrows: {path} and {path.with_suffix('.csv')}")
+    if interrupted:
+        return 130
     return 0 if all(r.get("status") == "ok" or str(r.get("status", "")).startswith("skipped") for r in rows) else 1
 
 
@@ -554,24 +899,12 @@ def _run_subprocess(spec: dict, timeout: float) -> list[dict]:
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return [
-            {
-                **{k: spec[k] for k in ("suite", "mode", "batch")},
-                "nfe": None,
-                "status": f"error: timed out after {timeout:.0f} s",
-            }
-        ]
+        return _failed(spec, f"error: timed out after {timeout:.0f} s")
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("ROWS "):
             return json.loads(line[5:])
-    tail = (proc.stderr or proc.stdout)[-300:].replace("\n", " ")
-    return [
-        {
-            **{k: spec[k] for k in ("suite", "mode", "batch")},
-            "nfe": None,
-            "status": f"error: exit {proc.returncode}: {tail}",
-        }
-    ]
+    tail = " ".join((proc.stderr or proc.stdout)[-300:].split())
+    return _failed(spec, f"error: exit {proc.returncode}: {tail}")
 
 
 if __name__ == "__main__":
