@@ -110,55 +110,16 @@ def skip_reason(suite: str, mode: str, batch: int, device_type: str) -> str | No
 
 
 # -- the training API bench builds on -----------------------------------------------------------------------------
-# bench codes against ``fastflow.trainer.Trainer(mcfg, cfg, device, dist=Dist(), data=None)``, whose
-# ``train_step(z, y)`` draws, schedules, steps and advances ``trainer.step`` itself, and against
-# ``fastflow.config.resolve_configs(preset, device_type, model=, train=)``.
-# SHIM: until the training renovation lands, _ShimTrainer and _shim_resolve_configs map that API onto
-# fastflow.train.Trainer and fastflow.config.resolve_preset. Delete both, and the two fallbacks in training_api,
-# once fastflow.trainer and resolve_configs exist.
 
 
 def training_api() -> tuple[Callable, Callable]:
-    """``(Trainer, resolve_configs)``; importing them is also the GPU check's import test of the train side."""
-    try:
-        from fastflow.trainer import Trainer
-    except ModuleNotFoundError as e:
-        if e.name != "fastflow.trainer":  # a missing dependency of the real module: say so
-            raise
-        Trainer = _ShimTrainer  # SHIM
-    try:
-        from fastflow.config import resolve_configs
-    except ImportError:
-        resolve_configs = _shim_resolve_configs  # SHIM
+    """``(fastflow.trainer.Trainer, fastflow.config.resolve_configs)``: bench's only way into training (the
+    Trainer's ``train_step`` draws, schedules, steps and advances ``trainer.step`` itself). Importing them is also
+    the GPU check's import test of the train side."""
+    from fastflow.config import resolve_configs
+    from fastflow.trainer import Trainer
+
     return Trainer, resolve_configs
-
-
-class _ShimTrainer:  # SHIM: the pre-renovation Trainer behind the new constructor and step contract
-    def __init__(self, mcfg, cfg, device, dist=None, data=None):
-        import fastflow.train as ft
-        from fastflow.distributed import Dist
-
-        load = ft.load_mnist
-        if data is not None:  # the old Trainer always loads MNIST from cfg.data_root
-            ft.load_mnist = lambda *args, **kwargs: data
-        try:
-            self._trainer = ft.Trainer(mcfg, cfg, device, dist or Dist())
-        finally:
-            ft.load_mnist = load
-
-    def train_step(self, z, y):
-        loss = self._trainer.train_step(z, y)
-        self._trainer.step += 1  # the old step left this to the loop
-        return loss
-
-    def __getattr__(self, name: str):
-        return getattr(self._trainer, name)
-
-
-def _shim_resolve_configs(preset: str, device_type: str, model: dict | None = None, train: dict | None = None):
-    from fastflow.config import resolve_preset  # SHIM
-
-    return resolve_preset(argparse.Namespace(preset=preset, **(model or {}), **(train or {})), device_type)
 
 
 # -- data ---------------------------------------------------------------------------------------------------------

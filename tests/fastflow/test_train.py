@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from fastflow.classifier import Classifier
 from fastflow.config import PRESETS, ModelConfig, TrainConfig
+from fastflow.errors import UserError
 from fastflow.trainer import Trainer
 
 
@@ -73,3 +76,86 @@ def test_train_checkpoint_sample_evaluate_resume_end_to_end(mnist_root, tmp_path
     r = json.loads(report.read_text())
     assert 0.0 <= r["accuracy"] <= 1.0 and set(r["per_digit"]) == {str(k) for k in range(10)}
     assert r["num_samples"] == 20 and r["nfe"] == 2
+
+
+# The smallest U-Net: the compiled step's graph is the one tests/fastflow/test_step.py compiles (same shapes, fp32,
+# batch 16), so Inductor's cache usually serves it instead of a minute of C++ code generation.
+MICRO = ["--preset", "tiny", "--channels", "4", "--emb-dim", "8", "--groups", "1", "--amp", "none", "--device", "cpu"]
+
+
+def _weights(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+@pytest.mark.parametrize("first, then", [("--compile", "--no-compile"), ("--no-compile", "--compile")])
+def test_resume_across_step_modes(mnist_root, tmp_path, cli_env, first, then):
+    """A run trained compiled resumes eagerly and the reverse (the optimizer state is placed for the new mode),
+    and ends where an uninterrupted eager run ends, within the compiled-vs-eager bound of test_step.py (2% of
+    Σlr; losing AdamW's moments or step count moves weights by ~lr)."""
+    common = [*MICRO, "--subset", "64", "--data-root", str(mnist_root), "--sample-steps", "1", "--log-every", "1"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _run(cli_env, "fastflow.train", *common, "--model-dir", str(ref), "--result-dir", str(tmp_path / "r0"),
+         "--max-steps", "4", "--no-compile")  # fmt: skip
+    out = _run(cli_env, "fastflow.train", *common, "--model-dir", str(run), "--result-dir", str(tmp_path / "r1"),
+               "--max-steps", "2", first)  # fmt: skip
+    assert ("step compile" in out.stdout) == (first == "--compile"), out.stdout
+    out = _run(cli_env, "fastflow.train", *common, "--model-dir", str(run), "--result-dir", str(tmp_path / "r1"),
+               "--max-steps", "4", then, "--resume")  # fmt: skip
+    assert "at step 2" in out.stdout and ("step compile" in out.stdout) == (then == "--compile"), out.stdout
+    assert "warning" not in out.stderr, out.stderr  # no silent fallback to eager
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert all(float(s["step"]) == 4 for s in state["optimizer"]["state"].values())
+    got, want = _weights(run), _weights(ref)
+    worst = max(float((got[k] - want[k]).abs().max()) for k in want)
+    assert worst <= 0.02 * 4e-3, f"max |Δθ| {worst:.3g} vs the uninterrupted eager run (bound {0.02 * 4e-3:.3g})"
+
+
+def test_a_second_run_on_the_same_model_dir_is_refused(mnist_root, tmp_path, cli_env):
+    from fastflow.checkpoint import own_folder
+
+    model = tmp_path / "model"
+    cmd = [*MICRO, "--subset", "64", "--max-steps", "1", "--data-root", str(mnist_root), "--model-dir", str(model)]
+    cmd += ["--result-dir", str(tmp_path / "result")]
+    with own_folder(model):  # the first run, still going
+        p = subprocess.run([sys.executable, "-m", "fastflow.train", *cmd], env=cli_env, capture_output=True, text=True)
+        assert p.returncode != 0
+        assert p.stderr.strip().splitlines() == [
+            f"error: --model-dir {model}: another training run (pid {os.getpid()}) is using it; "
+            "wait for it to end or pass another --model-dir"
+        ], p.stderr
+        assert not (model / "manifest.json").exists()
+    # A run that was killed holds nothing: the kernel drops its lock with the process.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from fastflow.checkpoint import own_folder\nwith own_folder({str(model)!r}):\n"
+         "    print('held', flush=True)\n    import time; time.sleep(600)"],
+        env=cli_env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError, match="another training run"):
+        with own_folder(model):
+            pass
+    holder.kill()
+    holder.wait()
+    _run(cli_env, "fastflow.train", *cmd)
+    assert (model / "manifest.json").exists()
+
+
+def test_images_per_second_counts_only_the_steps_this_process_timed(mnist_root, tmp_path, monkeypatch):
+    """After --resume the first log window holds losses restored from the checkpoint: images/s must count only
+    the steps timed since the start, not the restored ones (seen: 677 img/s shown for a run doing 150)."""
+    import fastflow.trainer as tr
+
+    clock = iter(range(1000))
+    monkeypatch.setattr(tr, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: float(next(clock)))}))
+    mcfg = ModelConfig(**PRESETS["tiny"][0])
+    cfg = TrainConfig(
+        **{**PRESETS["tiny"][1], "log_every": 4, "max_steps": 1}, preset="tiny", subset=64, amp="none",
+        data_root=str(mnist_root), model_dir=str(tmp_path / "model"), result_dir=str(tmp_path / "result"),
+    )  # fmt: skip
+    trainer = Trainer(mcfg, cfg, torch.device("cpu"))
+    trainer.window = [torch.tensor(1.0)] * 3  # as restored by resume(): 3 steps of the window were done before
+    trainer.fit()
+    (row,) = trainer.history
+    assert row[4] == cfg.batch_size * 1 / 1.0  # one step timed in one (fake) second
