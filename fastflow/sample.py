@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     synchronize(device)
     dt = time.perf_counter() - t0
 
-    from .train import save_grid
+    from .trainer import save_grid
 
     save_grid(images, args.out, nrow=args.per_digit)
     if args.save_tensor:
