@@ -169,6 +169,13 @@ class TrainConfig:
         0, "also checkpoint every N steps (0: at epoch ends only)", check=NONNEG, resume_free=True
     )
     max_steps: int = setting(0, "stop after N optimizer steps (0: all epochs)", check=NONNEG)
+    time_budget: float = setting(
+        0.0,
+        "train for about this many seconds instead of --num-epochs: the step rate is measured over the first "
+        "steps and the step count (and so the lr schedule and EMA) fixed to end on time; saved, so --resume "
+        "keeps it (0: off)",
+        check=FINITE_NONNEG,
+    )
     subset: int = setting(0, "train on the first N images (0: all 60000)", check=NONNEG)
     sample_steps: int = setting(10, "Euler steps for the epoch-end sample grids", check=POSITIVE, resume_free=True)
     log_every: int = setting(

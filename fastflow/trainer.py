@@ -16,7 +16,7 @@ from . import path as fm
 from .checkpoint import has_checkpoint, load_checkpoint, load_weights_into, save_checkpoint
 from .config import ModelConfig, TrainConfig, resume_free
 from .data import DeviceLoader, MNISTArrays, load_mnist
-from .device import autocast, configure_backends, resolve_amp
+from .device import autocast, configure_backends, describe_amp, resolve_amp, synchronize
 from .distributed import Dist, all_reduce_sum, barrier, broadcast_module, local_main_first
 from .ema import EMA
 from .errors import TrainingDiverged, UserError
@@ -26,6 +26,12 @@ from .step import TrainStep, make_optimizer, place_adamw_state, resolve_mode
 from .unet import UNet, count_parameters
 
 __all__ = ["Trainer", "lr_at", "save_grid", "grid_labels", "write_loss_history"]
+
+_clock = time.perf_counter  # the loop's only clock (tests replace it)
+# --time-budget: the step rate is measured over steps [PROBE[0], PROBE[1]) of the run (the first ones pay for
+# compilation and warm caches, and that time counts against the budget all the same).
+PROBE = (5, 25)
+UNPLANNED = 10**9  # the step count until a time budget is planned (the lr schedule is then ~flat)
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -105,7 +111,9 @@ class Trainer:
         self.loader = DeviceLoader(
             data.images, data.labels, cfg.batch_size, cfg.seed, device, rank=dist.rank, world_size=dist.world_size
         )
-        self.total_steps = cfg.num_epochs * len(self.loader)
+        # With --time-budget the step count is planned in fit() from the measured rate (and saved).
+        self.planned_steps: int | None = None
+        self.total_steps = UNPLANNED if cfg.time_budget else cfg.num_epochs * len(self.loader)
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
@@ -156,6 +164,7 @@ class Trainer:
             "ema_updates": self.ema.updates if self.ema else 0,  # the EMA decay schedule's position
             "history": self.history,
             "loss_window": torch.stack(self.window).float().cpu() if self.window else torch.zeros(0),
+            "planned_steps": self.planned_steps,  # --time-budget: the step count fixed by the measured rate
         }
 
     def load_state_dict(self, st: dict) -> None:
@@ -170,6 +179,8 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = int(st["step"]), int(st["epoch"]), int(st["batch_in_epoch"])
         self.history = [[float(v) for v in r] for r in st["history"]]
         self.window = [v.to(self.device) for v in torch.as_tensor(st.get("loss_window", [])).float().unbind()]
+        if st.get("planned_steps") is not None and self.cfg.time_budget:
+            self._set_plan(int(st["planned_steps"]))
 
     def resume(self) -> bool:
         """Load ``model_dir`` if it holds a checkpoint; refuse one trained with another model config."""
@@ -301,23 +312,60 @@ class Trainer:
         # steps would leave one waiting in a collective for the others.
         return self.stop_agreed if self.dist.enabled else self.stop_requested
 
+    def _set_plan(self, steps: int) -> None:
+        self.planned_steps = steps
+        self.total_steps = min(steps, self.cfg.max_steps) if self.cfg.max_steps else steps
+
+    def _plan(self, t_start: float, t_probe: float, probed: int) -> None:
+        """Fix the step count so that training ends about ``time_budget`` seconds after ``t_start``, from the rate
+        of the last ``probed`` steps, timed since ``t_probe``. Rank 0 decides; every rank follows."""
+        synchronize(self.device)
+        now = _clock()
+        rate = probed / max(now - t_probe, 1e-9)  # steps per second
+        left = self.cfg.time_budget - (now - t_start)
+        steps = self.step + max(0, int(left * rate))
+        if self.dist.enabled:
+            steps = int(
+                all_reduce_sum(torch.tensor([steps if self.dist.is_main else 0], device=self.device), self.dist)
+            )
+        self._set_plan(steps)
+        if self._bar is not None:
+            self._bar.total = self.total_steps
+            self._bar.refresh()
+        if self.dist.is_main:
+            ips = rate * self.cfg.batch_size
+            tqdm.write(
+                f"time budget {self.cfg.time_budget:g} s: {self.total_steps} steps of batch {self.cfg.batch_size} "
+                f"at {ips:.0f} img/s (measured over steps {self.step - probed + 1}-{self.step}), "
+                f"ends in about {(self.total_steps - self.step) / rate:.0f} s more"
+            )
+
     def fit(self) -> int:
         cfg, main = self.cfg, self.dist.is_main
         if main:
+            steps = f"{cfg.time_budget:g} s" if self.total_steps == UNPLANNED else f"{self.total_steps} steps"
             print(
-                f"fastflow: preset {cfg.preset}, device {self.device}, amp {self.amp_dtype or 'fp32'}, step {self.mode}, "
-                f"{count_parameters(self.model):,} parameters, {self.total_steps} steps of batch {cfg.batch_size}"
+                f"fastflow: preset {cfg.preset}, device {self.device}, amp {describe_amp(cfg.amp, self.amp_dtype, self.device)}, "
+                f"step {self.mode}, "
+                f"{count_parameters(self.model):,} parameters, {steps} of batch {cfg.batch_size}"
             )
         if self.step >= self.total_steps:  # resumed a finished run: write nothing, touch nothing
             if main:
                 print(f"nothing to do: {self.model_dir} is at step {self.step} of {self.total_steps}")
             return 0
         bar = self._bar = tqdm(
-            total=self.total_steps, initial=self.step, disable=not main, dynamic_ncols=True, unit="step"
+            total=None if self.total_steps == UNPLANNED else self.total_steps,
+            initial=self.step,
+            disable=not main,
+            dynamic_ncols=True,
+            unit="step",
         )
         # A log line covers the same steps as in an uninterrupted run (the window is restored by resume), but
         # images/s counts only the steps this process timed.
-        timed, t_window = 0, time.perf_counter()
+        timed, t_window = 0, _clock()
+        t_start, t_probe = t_window, None
+        planning = bool(self.cfg.time_budget) and self.planned_steps is None
+        probe = (self.step + PROBE[0], self.step + PROBE[1])  # steps, counted from this run's start
         batches, stopped = None, False
         while not stopped and self.step < self.total_steps:
             if batches is None:  # the epoch's permutation, from the saved position on
@@ -333,11 +381,17 @@ class Trainer:
                 bad = (~torch.isfinite(losses)).nonzero()
                 if len(bad):
                     self._diverged(self.step - len(self.window) + int(bad[0]) + 1)
-                ips = timed * cfg.batch_size / (time.perf_counter() - t_window)
+                ips = timed * cfg.batch_size / (_clock() - t_window)
                 mean = float(losses.mean())
                 self.history.append([self.step, self.epoch + 1, mean, lr_at(self.step - 1, cfg, self.total_steps), ips])
                 bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{ips:.0f}", epoch=self.epoch + 1)
-                self.window, timed, t_window = [], 0, time.perf_counter()
+                self.window, timed, t_window = [], 0, _clock()
+            if planning and self.step == probe[0]:
+                synchronize(self.device)
+                t_probe = _clock()
+            elif planning and self.step == probe[1]:
+                self._plan(t_start, t_probe, probe[1] - probe[0])
+                planning = False
             epoch_end = self.batch_in_epoch == len(self.loader)
             if epoch_end:  # saved as (next epoch, batch 0)
                 self.epoch, self.batch_in_epoch, batches = self.epoch + 1, 0, None

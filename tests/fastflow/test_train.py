@@ -148,10 +148,10 @@ def test_images_per_second_counts_only_the_steps_this_process_timed(mnist_root, 
     import fastflow.trainer as tr
 
     clock = iter(range(1000))
-    monkeypatch.setattr(tr, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: float(next(clock)))}))
+    monkeypatch.setattr(tr, "_clock", lambda: float(next(clock)))
     mcfg = ModelConfig(**PRESETS["tiny"][0])
     cfg = TrainConfig(
-        **{**PRESETS["tiny"][1], "log_every": 4, "max_steps": 1}, preset="tiny", subset=64, amp="none",
+        **{**PRESETS["tiny"][1], "log_every": 4, "max_steps": 1}, preset="tiny", subset=64, amp="none", sample_steps=1,
         data_root=str(mnist_root), model_dir=str(tmp_path / "model"), result_dir=str(tmp_path / "result"),
     )  # fmt: skip
     trainer = Trainer(mcfg, cfg, torch.device("cpu"))
@@ -159,3 +159,39 @@ def test_images_per_second_counts_only_the_steps_this_process_timed(mnist_root, 
     trainer.fit()
     (row,) = trainer.history
     assert row[4] == cfg.batch_size * 1 / 1.0  # one step timed in one (fake) second
+
+
+def test_time_budget_plans_the_steps_from_the_measured_rate_and_resume_keeps_the_plan(
+    mnist_root, tmp_path, monkeypatch
+):
+    """A fake clock at 0.5 s per step: the rate measured over steps 6-25 is 2 steps/s; 12.5 s of the 40 s budget
+    are gone at step 25, so 27.5 s buy 55 more steps: 80 in all. A resumed run keeps 80 whatever its clock says."""
+    import fastflow.trainer as tr
+
+    mcfg = ModelConfig(**PRESETS["tiny"][0])
+    cfg = TrainConfig(
+        **{**PRESETS["tiny"][1], "log_every": 10, "time_budget": 40.0, "checkpoint_every": 30}, preset="tiny",
+        lr_schedule="cosine", sample_steps=1,
+        subset=1024, amp="none", ema_decay=0.0, data_root=str(mnist_root), model_dir=str(tmp_path / "model"),
+        result_dir=str(tmp_path / "result"),
+    )  # fmt: skip
+    trainer = Trainer(mcfg, cfg, torch.device("cpu"))
+    monkeypatch.setattr(tr, "_clock", lambda: 0.5 * trainer.step)
+    step = trainer.train_step
+
+    def stop_at_30(z, y):  # a SIGINT after step 30 (a checkpoint step)
+        loss = step(z, y)
+        trainer.stop_requested = trainer.step >= 30
+        return loss
+
+    trainer.train_step = stop_at_30
+    trainer.fit()
+    assert (trainer.planned_steps, trainer.total_steps, trainer.step) == (80, 80, 30)
+    assert trainer.lr == tr.lr_at(30, cfg, 80)  # the cosine runs over the planned 80 steps
+
+    again = Trainer(mcfg, cfg, torch.device("cpu"))
+    monkeypatch.setattr(tr, "_clock", lambda: 100.0 * again.step)  # a much slower machine now: the plan stands
+    assert again.resume()
+    assert (again.planned_steps, again.total_steps) == (80, 80)
+    again.fit()
+    assert again.step == 80
