@@ -214,6 +214,7 @@ def train_runner(
             "model_dir": str(Path(workdir) / "model"),
             "result_dir": str(Path(workdir) / "result"),
             "num_epochs": 1000,  # the lr schedule never reaches its end inside a benchmark
+            "time_budget": 0.0,  # a fixed schedule, not one planned from the measured rate
         },
     )
     arrays = synthetic_mnist(seed=cfg.seed) if data == "synthetic" else None  # None: the Trainer loads MNIST

@@ -56,7 +56,6 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
-LOCK = ".lock"  # held (flock) by the run that owns the folder
 PARTS = ("model.safetensors", "ema.safetensors", "config.json", "state.pt")
 REQUIRED = ("model.safetensors", "config.json")
 FORMAT = "fastflow-checkpoint-1"
@@ -164,8 +163,9 @@ def own_folder(directory: str | Path) -> Iterator[None]:
     """Hold ``directory`` for one training run: a second run on the same folder gets a one-line
     :class:`UserError` instead of silently overwriting this one's checkpoints.
 
-    An exclusive ``flock`` on ``directory/.lock``: the kernel drops it when the process ends, however it ends,
-    so a killed run never leaves the folder stuck. (Where ``fcntl`` does not exist, nothing is locked.)
+    An exclusive ``flock`` on the folder itself (no lock file: a refused or failed run changes nothing in it).
+    The kernel drops the lock when the process ends, however it ends, so a killed run never leaves the folder
+    stuck. (Where ``fcntl`` does not exist, nothing is locked.)
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -174,23 +174,17 @@ def own_folder(directory: str | Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not on Linux or macOS
         yield
         return
-    f = open(d / LOCK, "a+")
+    fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
             raise UserError(
-                f"--model-dir {d}: another training run ({holder}) is using it; wait for it to end or pass another --model-dir"
+                f"--model-dir {d}: another training run is using it; wait for it to end or pass another --model-dir"
             ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}\n")
-        f.flush()
         yield
     finally:
-        f.close()  # releases the lock
+        os.close(fd)  # releases the lock
 
 
 # -- loading ---------------------------------------------------------------------------------------------------
