@@ -184,8 +184,8 @@ FLAGS: tuple[Flag, ...] = (
     ),
     Flag(
         "--amp",
-        "network precision: none = fp32, bf16, or auto = bf16 on CUDA with bf16 and on CPUs with AVX-512 BF16 or AMX "
-        "(default: none)",
+        "network precision: none = fp32, bf16, or auto = bf16 on CUDA with bf16 and on a CPU where native bf16 "
+        "(AVX-512 BF16 / AMX) runs fast (default: none)",
         default="none",
         choices=("auto", "none", "bf16"),
     ),

@@ -3,6 +3,9 @@ sample and a list in evaluate's grid, and a one-line error for each malformed va
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -107,3 +110,22 @@ def test_resolve_steps_spends_an_nfe_budget_exactly_with_an_interval():
         resolve_steps(None, 1, "rk4", 2.0, "uniform", iv)
     with pytest.raises(UserError, match="give --steps or --nfe, not both"):
         resolve_steps(3, 3, "euler", 1.0)
+
+
+def _readme_block(prog: str) -> str:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index(f"### `python -m fastflow.{prog}`")
+    block = text[start:].split("```")[1]
+    return block
+
+
+@pytest.mark.parametrize("prog,parser", [("sample", sample_parser), ("evaluate", evaluate_parser)])
+def test_readme_reference_lists_every_flag(prog, parser):
+    """The README's CLI reference is --help's output (regenerate it with COLUMNS=110 when a flag changes):
+    every option string of the parser is there, and no other. (Exact text differs across Python versions.)"""
+    block = _readme_block(prog)
+    assert block.lstrip().startswith(f"usage: python -m fastflow.{prog}")
+    listed = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z]", block))
+    have = {s for a in parser()._actions for s in a.option_strings if s.startswith("--")}
+    assert have <= listed, f"missing from README: {sorted(have - listed)}"
+    assert listed <= have, f"in README, not in the parser: {sorted(listed - have)}"
