@@ -3,8 +3,9 @@
 The train step compiles itself: :mod:`fastflow.step`.
 
 Sampler (:class:`CompiledSampler`): one solver step (network + update) is compiled with time as 0-d tensors (one
-graph for every step of every grid); on CUDA with ``cuda_graphs`` the whole fixed-step loop for a (batch, steps)
-pair is captured once as one CUDA graph and replayed. The ODE state stays fp32.
+graph for every step of every grid), with static shapes (``dynamic=False``); on CUDA with ``cuda_graphs`` the
+whole fixed-step loop for a (batch, steps) pair is captured once as one CUDA graph and replayed. The ODE state
+stays fp32. Large requests run in chunks of one size (the last one padded), so one graph serves them all.
 """
 
 from __future__ import annotations
@@ -14,12 +15,25 @@ from collections.abc import Callable
 
 import torch
 
-from .solvers import STAGES, GuidedField, initial_noise, integrate, nfe_per_step, time_grid, to_unit
+from .solvers import (
+    STAGES,
+    GuidedField,
+    Interval,
+    check_interval,
+    chunks,
+    initial_noise,
+    integrate,
+    plan_nfe,
+    sample,
+    stage_plan,
+    time_grid,
+    to_unit,
+)
 
 __all__ = [
     "inductor_options",
     "CompiledSampler",
-    "compiled_sample",
+    "make_sampler",
 ]
 
 
@@ -37,17 +51,25 @@ def inductor_options(device: torch.device, **more) -> dict | None:
 class CompiledSampler:
     """Fixed-step sampling with a compiled solver step and, on CUDA, one CUDA graph per (batch, steps).
 
-    The same noise, time grid and update as :func:`fastflow.solvers.sample`, so for the same generator the two
-    agree up to the compiler's floating-point reassociation (the ODE state is fp32 in both).
+    The same noise, time grid, stage plan and update as :func:`fastflow.solvers.sample`, so for the same generator
+    the two agree up to the compiler's floating-point reassociation (the ODE state is fp32 in both). Build one per
+    run (per setting) and keep it: it holds the compiled step and the captured graphs.
 
     Args:
         model: v_θ(x, t, y). Compiled and captured code reads its weights in place (in-place updates are seen,
             replaced tensors are not), except with ``freeze``.
-        solver, guidance, grid: as in :func:`fastflow.solvers.sample`.
+        solver, guidance, grid, interval: as in :func:`fastflow.solvers.sample`. With an ``interval`` whether
+            each stage is guided is decided on the host from the time grid (:func:`~fastflow.solvers.stage_plan`)
+            and passed to the step as a constant: one compiled variant per pattern of the step's stages (Euler:
+            two, guided and not; a multi-stage step that straddles a bound adds one), each compiled at its first
+            use and never again.
         ctx: autocast context for the network.
         cuda_graphs: capture the whole loop as one CUDA graph per (batch, steps) (CUDA only; ignored elsewhere).
         freeze: inductor ``freezing`` (weights folded in as constants, mkldnn weight prepacking on CPU). Only for
             weights that never change after the first call (a loaded checkpoint), never for a model in training.
+        batch_size: integrate at most this many images at a time (None: each call in one batch). The chunks
+            have one size, the last one padded, so the static graph is compiled (and captured) once.
+        backend: the torch.compile backend; tests use ``"aot_eager"`` (no code generation: seconds, not minutes).
     """
 
     def __init__(
@@ -57,56 +79,70 @@ class CompiledSampler:
         solver: str = "euler",
         guidance: float = 1.0,
         grid: str = "uniform",
+        interval: Interval | None = None,
         ctx=None,
         cuda_graphs: bool = True,
         freeze: bool = False,
+        batch_size: int | None = None,
+        backend: str = "inductor",
     ):
         if solver not in STAGES:
             raise ValueError(f"unknown solver {solver!r}")
+        if batch_size is not None and batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
         self.model, self.solver, self.guidance, self.grid = model, solver, float(guidance), grid
+        self.interval = check_interval(interval)
         self.ctx = ctx if ctx is not None else contextlib.nullcontext()
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs, self.batch_size, self.backend = cuda_graphs, batch_size, backend
         self._graphs: dict[tuple, tuple] = {}
 
-        def step(x: torch.Tensor, labels: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
-            """x [B, ...] fp32, advanced in place from time t0 to t1 (0-d tensors)."""
-            field = GuidedField(self.model, labels, self.guidance, self.ctx)
-            return integrate(field, x, torch.stack((t0, t1)), self.solver)
+        def step(x: torch.Tensor, labels: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, inside: tuple):
+            """x [B, ...] fp32, advanced in place from time t0 to t1 (0-d tensors); ``inside``: per stage,
+            whether it lies in the guidance interval (a Python constant: one graph per pattern)."""
+            field = GuidedField(self.model, labels, self.guidance, self.ctx, self.interval)
+            return integrate(field, x, torch.stack((t0, t1)), self.solver, [inside])
 
         self._step_fn, self._freeze = step, freeze
         self._step: Callable | None = None  # compiled at the first call, when the device is known
 
     def _stepper(self, device: torch.device) -> Callable:
         if self._step is None:
-            opts = inductor_options(device, **({"freezing": True} if self._freeze else {}))
-            self._step = torch.compile(self._step_fn, fullgraph=True, options=opts)
+            kw = {}
+            if self.backend == "inductor":
+                kw["options"] = inductor_options(device, **({"freezing": True} if self._freeze else {}))
+            # dynamic=False: a second batch size compiles another static graph, not a dynamic one for every size
+            self._step = torch.compile(self._step_fn, fullgraph=True, dynamic=False, backend=self.backend, **kw)
         return self._step
 
-    def nfe(self, steps: int) -> int:
-        """Network evaluations per image for ``steps`` steps (what GuidedField would count)."""
-        return steps * nfe_per_step(self.solver, self.guidance)
+    def plan(self, steps: int) -> list[tuple[bool, ...]]:
+        """Per step, per stage: inside the guidance interval (see :func:`fastflow.solvers.stage_plan`)."""
+        return stage_plan(time_grid(steps, self.grid), self.solver, self.interval)
 
-    def _loop(self, x: torch.Tensor, labels: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    def nfe(self, steps: int) -> int:
+        """Network evaluations per image for ``steps`` steps (what GuidedField counts in the eager loop)."""
+        return plan_nfe(self.plan(steps), self.guidance)
+
+    def _loop(self, x: torch.Tensor, labels: torch.Tensor, ts: torch.Tensor, plan) -> torch.Tensor:
         step = self._stepper(x.device)
         for i in range(len(ts) - 1):
-            x = step(x, labels, ts[i], ts[i + 1])
+            x = step(x, labels, ts[i], ts[i + 1], plan[i])
         return x
 
-    def _graph(self, labels: torch.Tensor, steps: int, shape: tuple[int, ...]):
-        key = (len(labels), steps, shape, labels.device)
+    def _graph(self, batch: int, steps: int, shape: tuple[int, ...], device: torch.device):
+        key = (batch, steps, shape, device)
         if key not in self._graphs:
-            ts = time_grid(steps, self.grid, labels.device)
-            x = torch.zeros((len(labels), *shape), device=labels.device, dtype=torch.float32)
-            lab = labels.clone()
-            side = torch.cuda.Stream(labels.device)
-            side.wait_stream(torch.cuda.current_stream(labels.device))
+            ts, plan = time_grid(steps, self.grid, device), self.plan(steps)
+            x = torch.zeros((batch, *shape), device=device, dtype=torch.float32)
+            lab = torch.zeros(batch, device=device, dtype=torch.long)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # warm-up: compile and autotune outside the capture
                 for _ in range(2):
-                    self._loop(torch.zeros_like(x), lab, ts)
-            torch.cuda.current_stream(labels.device).wait_stream(side)
+                    self._loop(torch.zeros_like(x), lab, ts, plan)
+            torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self._loop(x, lab, ts)
+                out = self._loop(x, lab, ts, plan)
             self._graphs[key] = (graph, x, lab, out)
         return self._graphs[key]
 
@@ -119,38 +155,65 @@ class CompiledSampler:
         generator: torch.Generator | None = None,
         shape: tuple[int, ...] = (1, 28, 28),
     ) -> tuple[torch.Tensor, int]:
-        """Draw ``len(labels)`` images: ``(images [B, 1, 28, 28] fp32 in [0, 1], NFE per image)``."""
-        device = labels.device
-        x = initial_noise(labels, shape, generator)
-        if self.cuda_graphs and device.type == "cuda":
-            graph, static_x, static_labels, out = self._graph(labels, steps, tuple(shape))
-            static_x.copy_(x)
-            static_labels.copy_(labels)
-            graph.replay()
-            x = out.clone()  # the graph owns `out`; the next replay overwrites it
-        else:
-            x = self._loop(x, labels, time_grid(steps, self.grid, device))
+        """Draw ``len(labels)`` images: ``(images [B, 1, 28, 28] fp32 in [0, 1], NFE per image)``.
+
+        The whole initial noise is drawn first (as :func:`fastflow.solvers.sample` draws it), then integrated
+        chunk by chunk."""
+        device, shape = labels.device, tuple(shape)
+        x = initial_noise(labels, shape, generator)  # [N, ...]
+        parts = chunks(len(labels), self.batch_size)
+        size = parts[0][1] - parts[0][0]  # the first chunk is the largest: every chunk runs at this size
+        graphs = self.cuda_graphs and device.type == "cuda"
+        if not graphs:
+            ts, plan = time_grid(steps, self.grid, device), self.plan(steps)
+        for a, b in parts:
+            xc, lc = x[a:b], labels[a:b]
+            if b - a < size:  # pad to the one compiled batch size; padded rows are dropped below
+                xc = torch.cat([xc, xc.new_zeros((size - (b - a), *shape))])
+                lc = torch.cat([lc, lc.new_zeros(size - (b - a))])
+            if graphs:
+                graph, static_x, static_labels, out = self._graph(size, steps, shape, device)
+                static_x.copy_(xc)
+                static_labels.copy_(lc)
+                graph.replay()
+                x[a:b] = out[: b - a]  # copied out: the graph owns `out`, the next replay overwrites it
+            else:
+                x[a:b] = self._loop(xc.clone(), lc, ts, plan)[: b - a]  # a fresh contiguous input, offset 0
         return to_unit(x), self.nfe(steps)
 
 
-def compiled_sample(
+def make_sampler(
     model: Callable,
-    labels: torch.Tensor,
-    steps: int,
     *,
+    compiled: bool,
     solver: str = "euler",
     guidance: float = 1.0,
     grid: str = "uniform",
-    generator: torch.Generator | None = None,
+    interval: Interval | None = None,
     ctx=None,
-    freeze: bool = False,
-    _cache: dict = {},  # noqa: B006 - one compiled sampler per (model, settings), kept for repeated calls
-) -> tuple[torch.Tensor, int]:
-    """Drop-in for :func:`fastflow.solvers.sample` through a cached :class:`CompiledSampler`."""
-    key = (id(model), solver, float(guidance), grid, id(ctx) if ctx is not None else None, freeze)
-    sampler = _cache.get(key)
-    if sampler is None or sampler.model is not model:
-        sampler = _cache[key] = CompiledSampler(
-            model, solver=solver, guidance=guidance, grid=grid, ctx=ctx, freeze=freeze
+    batch_size: int | None = None,
+) -> Callable[..., tuple[torch.Tensor, int]]:
+    """``draw(labels, steps, generator=...) -> (images, nfe)`` for one setting: eager
+    (:func:`fastflow.solvers.sample`, NFE as counted) or through a :class:`CompiledSampler` that the returned
+    function keeps (build it once per run and setting, and call it as often as needed)."""
+    if compiled:
+        return CompiledSampler(
+            model, solver=solver, guidance=guidance, grid=grid, interval=interval, ctx=ctx, batch_size=batch_size
         )
-    return sampler(labels, steps, generator=generator)
+
+    def draw(labels: torch.Tensor, steps: int, *, generator: torch.Generator | None = None, **kw):
+        return sample(
+            model,
+            labels,
+            steps,
+            solver=solver,
+            guidance=guidance,
+            grid=grid,
+            interval=interval,
+            generator=generator,
+            ctx=ctx,
+            batch_size=batch_size,
+            **kw,
+        )
+
+    return draw

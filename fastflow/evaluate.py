@@ -1,7 +1,7 @@
 """``python -m fastflow.evaluate``: sample quality against compute, over a grid of sampler settings.
 
-For every setting (solver × time grid × guidance w × NFE budget, or × steps) the same seeded noise is turned into
-``--num-samples`` digits, an equal share of each, and judged by the project's classifier
+For every setting (solver × time grid × guidance w × guidance interval × NFE budget, or × steps) the same seeded
+noise is turned into ``--num-samples`` digits, an equal share of each, and judged by the project's classifier
 (:mod:`fastflow.classifier`, ≥ 98% on MNIST's test set, cached after the first run):
 
 - conditional accuracy: the share classified as the digit asked for, overall and per digit;
@@ -12,9 +12,10 @@ FID depends on the sample size (its bias falls like 1/N), so every report carrie
 training images (N/10 of each digit, like the generated set) against the same test set.
 
 A budget of B NFE gives each solver the most steps whose cost fits: a step costs 1 (Euler), 2 (midpoint, Heun) or
-4 (RK4) network evaluations, twice that at a guidance w other than 0 or 1. A setting where one step costs more
-than B is skipped and listed under ``skipped``. The NFE reported is the count :class:`~fastflow.solvers.GuidedField`
-made, per image.
+4 (RK4) network evaluations, twice that at a guidance w other than 0 or 1; with a guidance interval only the stages
+whose time lies in it pay double, so the cost is counted stage by stage (:func:`~fastflow.solvers.sample_nfe`). A
+setting where one step costs more than B is skipped and listed under ``skipped``. The NFE reported is the count
+:class:`~fastflow.solvers.GuidedField` made, per image (eager), or the same stage plan's count (``--compile``).
 
 Output: the JSON report (``--out``; on stdout without it, the table then going to stderr), a markdown table,
 and with ``--plot`` the picture drawn by ``plot/quality.py`` from the JSON. With ``--out`` the JSON is rewritten
@@ -25,9 +26,10 @@ Cost: the issue's grid (4 solvers × NFE 4, 8, 16, 32, 64 × w 0, 1, 2, 4, unifo
 evaluations per digit. The ``cpu`` preset's U-Net (2.27 M parameters) measured 65–77 images per CPU-second in
 fp32 and 150–190 in bf16 (``--amp auto`` on CPUs with AVX-512 BF16, as it trains), so at 1000 digits per
 setting it takes about 1.5–2 h (bf16) or 3.5–4 h (fp32) on 2 free cores, and ten times that at 10000.
-``--dry-run`` measures and estimates for the machine at hand. Sampling is eager (no ``--compile``): the NFE
-reported is what GuidedField counted, and on 2 CPU cores the compiled sampler gained only 1.4× per image for
-about a minute of compiling per (solver, guidance, grid).
+``--dry-run`` measures and estimates for the machine at hand. Sampling runs in chunks of ``--batch-size`` from one
+draw of the noise. ``--compile`` compiles once per (solver, guidance, grid, interval), the settings that share
+those running one after another; on 2 CPU cores it gained about 1.4× per image for about a minute of compiling
+each.
 """
 
 from __future__ import annotations
@@ -44,13 +46,14 @@ import torch
 
 from .checkpoint import build_model, load_checkpoint
 from .classifier import load_or_train_classifier
+from .compile import make_sampler
 from .data import load_mnist
 from .device import autocast, resolve_amp, resolve_device, synchronize
 from .errors import ArgumentParser, UserError, cli
 from .fid import feature_stats, frechet_distance
 from .io import atomic_write_json, check_writable
-from .sample import add_sampling_args
-from .solvers import nfe_per_step, sample, steps_for_nfe
+from .sampling_args import add_sampling_args, resolve_batch_size
+from .solvers import Interval, sample_nfe, steps_for_nfe
 
 __all__ = [
     "generate",
@@ -69,35 +72,18 @@ PLOT_SCRIPT = Path(__file__).resolve().parents[1] / "plot" / "quality.py"
 
 
 @torch.no_grad()
-def generate(
-    model,
-    num_samples: int,
-    steps: int,
-    *,
-    solver="euler",
-    guidance=1.0,
-    grid="uniform",
-    seed=0,
-    ctx=None,
-    batch=500,
-    device="cpu",
-    sampler=sample,  # or fastflow.compile.compiled_sample (same arguments and results)
-):
-    """``num_samples // 10`` digits of each class, digit by digit, from noise seeded by ``seed``.
+def generate(draw, num_samples: int, steps: int, *, seed: int = 0, device="cpu"):
+    """``num_samples // 10`` digits of each class, digit by digit, from noise seeded by ``seed``, through
+    ``draw(labels, steps, generator=...)`` (one setting: :func:`fastflow.compile.make_sampler`).
 
     Returns (images [N, 1, 28, 28] fp32 in [0, 1], labels [N], NFE per image as counted, seconds)."""
     per = num_samples // 10
     labels = torch.arange(10, device=device).repeat_interleave(per)
     g = torch.Generator(device=device).manual_seed(seed)
-    out, nfe = [], 0
     t0 = time.perf_counter()
-    for i in range(0, len(labels), batch):
-        imgs, nfe = sampler(
-            model, labels[i : i + batch], steps, solver=solver, guidance=guidance, grid=grid, generator=g, ctx=ctx
-        )
-        out.append(imgs.float())
+    images, nfe = draw(labels, steps, generator=g)
     synchronize(torch.device(device))
-    return torch.cat(out), labels, nfe, time.perf_counter() - t0
+    return images.float(), labels, nfe, time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -124,11 +110,24 @@ def conditional_accuracy(clf, images: torch.Tensor, labels: torch.Tensor) -> dic
     return _accuracy(classify(clf, images)[0], labels)
 
 
-def plan_settings(solvers, grids, guidances, nfes=None, steps=None) -> tuple[list[dict], list[dict]]:
-    """The settings to run and the ones skipped, in a stable order (grid, guidance, solver, budget).
+def _interval(s: dict) -> Interval | None:
+    """A setting's guidance interval as a tuple (the JSON report holds a list, or null)."""
+    iv = s.get("guidance_interval")
+    return None if iv is None else (float(iv[0]), float(iv[1]))
 
-    Each setting has ``solver, grid, guidance, nfe_budget`` (None with ``steps``) and ``steps``; each skipped one
-    has a ``reason`` instead of ``steps``."""
+
+def _w_text(s: dict) -> str:
+    """``2`` or ``2 [0.3,1]``: the guidance scale and, when there is one, its interval."""
+    iv = _interval(s)
+    return f"{s['guidance']:g}" + ("" if iv is None else f" [{iv[0]:g},{iv[1]:g}]")
+
+
+def plan_settings(solvers, grids, guidances, nfes=None, steps=None, intervals=None) -> tuple[list[dict], list[dict]]:
+    """The settings to run and the ones skipped, in a stable order (grid, guidance, interval, solver, budget).
+
+    Each setting has ``solver, grid, guidance, guidance_interval`` (None, or ``[lo, hi]``), ``nfe_budget`` (None
+    with ``steps``) and ``steps``; each skipped one has a ``reason`` instead of ``steps``. At w = 1 an interval
+    changes nothing (the conditional field everywhere): such rows are planned once, without an interval."""
     if nfes is not None and steps is not None:
         raise UserError("give --steps or --nfe, not both")
     if nfes is None and steps is None:
@@ -137,24 +136,30 @@ def plan_settings(solvers, grids, guidances, nfes=None, steps=None) -> tuple[lis
         if v <= 0:
             raise UserError(f"{flag} must be > 0, got {v}")
     run, skipped = [], []
-    seen: dict[tuple, int] = {}  # (grid, guidance, solver, steps) -> the first NFE budget that ran it
-    for grid, w, solver, n in itertools.product(grids, guidances, solvers, nfes or steps):
-        s = {"solver": solver, "grid": grid, "guidance": float(w)}
+    planned: set[tuple] = set()
+    seen: dict[tuple, int] = {}  # (grid, guidance, interval, solver, steps) -> the first NFE budget that ran it
+    for grid, w, iv, solver, n in itertools.product(grids, guidances, intervals or [None], solvers, nfes or steps):
+        w = float(w)
+        iv = None if w == 1.0 or iv is None else (float(iv[0]), float(iv[1]))
+        if (grid, w, iv, solver, n) in planned:  # w = 1 under several intervals
+            continue
+        planned.add((grid, w, iv, solver, n))
+        s = {"solver": solver, "grid": grid, "guidance": w, "guidance_interval": None if iv is None else list(iv)}
         if nfes is None:
             run.append({**s, "nfe_budget": None, "steps": n})
             continue
-        k = steps_for_nfe(n, solver, w)
+        k = steps_for_nfe(n, solver, w, grid, iv)
         if k == 0:
-            cost = nfe_per_step(solver, w)
+            cost = sample_nfe(1, solver, w, grid, iv)
             skipped.append(
-                {**s, "nfe_budget": n, "reason": f"one {solver} step costs {cost} NFE at guidance {float(w):g} > {n}"}
+                {**s, "nfe_budget": n, "reason": f"one {solver} step costs {cost} NFE at guidance {_w_text(s)} > {n}"}
             )
-        elif (grid, float(w), solver, k) in seen:  # e.g. midpoint at 8 and 10 NFE: both 4 steps
+        elif (grid, w, iv, solver, k) in seen:  # e.g. midpoint at 8 and 10 NFE: both 4 steps
             skipped.append(
-                {**s, "nfe_budget": n, "reason": f"the same {k} steps as at {seen[grid, float(w), solver, k]} NFE"}
+                {**s, "nfe_budget": n, "reason": f"the same {k} steps as at {seen[grid, w, iv, solver, k]} NFE"}
             )
         else:
-            seen[grid, float(w), solver, k] = n
+            seen[grid, w, iv, solver, k] = n
             run.append({**s, "nfe_budget": n, "steps": k})
     return run, skipped
 
@@ -189,9 +194,8 @@ def summarize(results: list[dict], floor: float) -> dict:
     accuracy ≥ 99% and FID ≤ 1.5× the floor; the fewest NFE reaching 95% accuracy."""
 
     def brief(r):
-        return (
-            None if r is None else {k: r[k] for k in ("solver", "grid", "guidance", "steps", "nfe", "accuracy", "fid")}
-        )
+        keys = ("solver", "grid", "guidance", "guidance_interval", "steps", "nfe", "accuracy", "fid")
+        return None if r is None else {k: r.get(k) for k in keys}
 
     out: dict = {}
     for limit in (10, 20):
@@ -216,7 +220,7 @@ def markdown_table(report: dict) -> str:
     for r in report["results"]:
         worst = min(r["per_digit"].items(), key=lambda kv: kv[1])
         lines.append(
-            f"| {r['solver']} | {r['grid']} | {r['guidance']:g} | {r['steps']} | {r['nfe']} | {r['accuracy']:.2%} | "
+            f"| {r['solver']} | {r['grid']} | {_w_text(r)} | {r['steps']} | {r['nfe']} | {r['accuracy']:.2%} | "
             f"{worst[0]}: {worst[1]:.1%} | {r['fid']:.3f} | {r['fid'] / floor:.2f} |"
         )
     n = report["floor"]["num_samples"]
@@ -228,7 +232,7 @@ def markdown_table(report: dict) -> str:
         lines.append(
             "Skipped: "
             + "; ".join(
-                f"{s['solver']}/{s['grid']} w={s['guidance']:g} at {s['nfe_budget']} NFE ({s['reason']})"
+                f"{s['solver']}/{s['grid']} w={_w_text(s)} at {s['nfe_budget']} NFE ({s['reason']})"
                 for s in report["skipped"]
             )
             + "."
@@ -240,8 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="python -m fastflow.evaluate",
         description="Judge generated digits by conditional accuracy and FID (the classifier's features), over a grid "
-        "of solvers, time grids, guidance scales and NFE budgets (or steps). Every list flag takes one value or a "
-        "comma-separated list, e.g. --solvers euler,midpoint,heun,rk4 --nfe 4,8,16,32,64 --guidance 0,1,2,4.",
+        "of solvers, time grids, guidance scales, guidance intervals and NFE budgets (or steps). Every list flag "
+        "takes one value or a comma-separated list, e.g. --solvers euler,midpoint,heun,rk4 --nfe 4,8,16,32,64 "
+        "--guidance 0,1,2,4; guidance intervals are separated by spaces: --guidance-interval none 0.2,1 0.4,1.",
     )
     add_sampling_args(p, lists=True)
     p.add_argument(
@@ -249,9 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1000,
         help="digits per setting, a tenth of each; also the floor's sample size (default: 1000)",
-    )
-    p.add_argument(
-        "--batch", type=int, default=500, help="images per network call, doubled under guidance (default: 500)"
     )
     p.add_argument("--data-root", default="data", help="MNIST folder, also the classifier cache (default: data)")
     p.add_argument("--classifier", default=None, help="classifier cache folder (default: <data-root>/classifier)")
@@ -279,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cost(s: dict) -> int:
     """Network evaluations per image of a planned setting."""
-    return s["steps"] * nfe_per_step(s["solver"], s["guidance"])
+    return sample_nfe(s["steps"], s["solver"], s["guidance"], s["grid"], _interval(s))
 
 
 @torch.no_grad()
@@ -303,7 +305,12 @@ def report_amp(amp) -> str:
 
 
 def _key(s: dict) -> tuple:
-    return (s["solver"], s["grid"], s["guidance"], s["nfe_budget"], s["steps"])
+    return (s["solver"], s["grid"], s["guidance"], _interval(s), s["nfe_budget"], s["steps"])
+
+
+def _sampler_key(s: dict) -> tuple:
+    """What a sampler is built for: the settings that share it differ only in steps."""
+    return (s["solver"], s["grid"], s["guidance"], _interval(s))
 
 
 def _previous(path: str, meta: dict) -> dict[tuple, dict]:
@@ -323,13 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_samples < 10:
         raise UserError(f"--num-samples must be at least 10 (one per digit), got {args.num_samples}")
-    if args.batch <= 0:
-        raise UserError(f"--batch must be > 0, got {args.batch}")
     if args.plot and not args.out:
         raise UserError("--plot draws from the JSON report: give --out too")
     if args.resume and not args.out:
         raise UserError("--resume reads the report in --out: give --out too")
-    todo, skipped = plan_settings(args.solver, args.grid, args.guidance, args.nfe, args.steps)
+    todo, skipped = plan_settings(args.solver, args.grid, args.guidance, args.nfe, args.steps, args.guidance_interval)
     if not todo:
         raise UserError("no setting fits its NFE budget: " + "; ".join(s["reason"] for s in skipped))
     for path, flag in ((args.out, "--out"), (args.plot, "--plot")):
@@ -338,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.num_samples // 10 * 10
 
     device = resolve_device(args.device)
+    batch_size = resolve_batch_size(args.batch_size, device)
     ckpt = load_checkpoint(args.checkpoint, with_state=False)
     use_ema = not args.no_ema and ckpt.ema_weights is not None
     model = build_model(ckpt, use_ema=use_ema).to(device).eval()
@@ -345,14 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     ctx = autocast(device, amp)
     if args.dry_run:
         work = sum(_cost(s) for s in todo) * n  # images through the network, all settings together
-        ips = measure_throughput(model, args.batch, ctx, device)
+        ips = measure_throughput(model, min(batch_size, n), ctx, device)
         for s in todo:
-            print(f"{s['solver']:8s} {s['grid']:9s} w={s['guidance']:<4g} {s['steps']:3d} steps {_cost(s):3d} NFE")
+            print(f"{s['solver']:8s} {s['grid']:9s} w={_w_text(s):<4s} {s['steps']:3d} steps {_cost(s):3d} NFE")
         for s in skipped:
-            print(f"skipped: {s['solver']}/{s['grid']} w={s['guidance']:g} at {s['nfe_budget']} NFE ({s['reason']})")
+            print(f"skipped: {s['solver']}/{s['grid']} w={_w_text(s)} at {s['nfe_budget']} NFE ({s['reason']})")
         print(
             f"{len(todo)} settings, {len(skipped)} skipped; {work:,} image evaluations of the network for {n} digits each; "
-            f"measured {ips:.0f} images/s ({device}, {report_amp(amp)}, batch {args.batch}): about {work / ips / 60:.0f} min "
+            f"measured {ips:.0f} images/s ({device}, {report_amp(amp)}, batch {min(batch_size, n)}, eager): about {work / ips / 60:.0f} min "
             "of sampling, plus the classifier's pass over the 10000 test images"
         )
         return 0
@@ -374,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         **meta,
         "device": str(device),
         "amp": report_amp(amp),
+        "batch_size": batch_size,
+        "compiled": bool(args.compile),
         "classifier": {"cache": str(args.classifier or Path(args.data_root) / "classifier"), "test_accuracy": clf_acc},
         "classifier_test_accuracy": clf_acc,
         "reference": {"set": "MNIST test", "num_images": 10000, "features": "classifier penultimate (128-d)"},
@@ -383,22 +391,30 @@ def main(argv: list[str] | None = None) -> int:
         "complete": False,
     }
     left, spent, work_done = sum(_cost(s) for s in todo if _key(s) not in done) * n, 0.0, 0
+    draw, drawing = None, None  # the sampler of the current (solver, grid, guidance, interval), kept while it lasts
     for i, s in enumerate(todo):
         if _key(s) in done:
             report["results"].append(done[_key(s)])
             continue
-        images, labels, nfe, secs = generate(
-            model,
-            n,
-            s["steps"],
-            solver=s["solver"],
-            guidance=s["guidance"],
-            grid=s["grid"],
-            seed=args.seed,
-            ctx=ctx,
-            batch=args.batch,
-            device=device,
-        )
+        if _sampler_key(s) != drawing:
+            if args.compile and draw is not None:
+                # each compiled sampler adds graphs to the same step function; past Dynamo's recompile limit
+                # it would fall back to eager without a word, so start afresh for each sampler setting
+                torch._dynamo.reset()
+            draw, drawing = (
+                make_sampler(
+                    model,
+                    compiled=args.compile,
+                    solver=s["solver"],
+                    guidance=s["guidance"],
+                    grid=s["grid"],
+                    interval=_interval(s),
+                    ctx=ctx,
+                    batch_size=batch_size,
+                ),
+                _sampler_key(s),
+            )
+        images, labels, nfe, secs = generate(draw, n, s["steps"], seed=args.seed, device=device)
         pred, feats = classify(clf, images)
         fid = frechet_distance(*feature_stats(feats), *ref)
         row = {
@@ -413,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         spent, work_done = spent + secs, work_done + nfe * n
         eta = spent / work_done * (left - work_done)
         print(
-            f"[{i + 1}/{len(todo)}] {s['solver']:8s} {s['grid']:9s} w={s['guidance']:<4g} {s['steps']:3d} steps {nfe:3d} NFE: "
+            f"[{i + 1}/{len(todo)}] {s['solver']:8s} {s['grid']:9s} w={_w_text(s):<4s} {s['steps']:3d} steps {nfe:3d} NFE: "
             f"accuracy {row['accuracy']:.2%}, FID {fid:.3f} (floor {floor:.3f}), {secs:.1f} s, about {eta / 60:.0f} min left",
             file=sys.stderr,
             flush=True,

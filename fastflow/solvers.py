@@ -3,12 +3,19 @@
 NFE (network function evaluations) is the honest cost: an Euler step costs 1, midpoint and Heun 2, RK4 4,
 and each of those doubles under classifier-free guidance (the conditional and unconditional halves run as one
 batched call of twice the batch, which costs as much as two calls).
+
+Guidance in a limited interval (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval improves
+sample and distribution quality"): with ``interval = (lo, hi)`` a stage whose time t lies in [lo, hi] uses the
+guided field, any other stage the plain conditional one (w = 1, one call). The choice is made per solver stage,
+on the host, from the fp32 time grid (:func:`stage_plan`), before any network call: the eager loop, the
+compiled sampler and the NFE count all read the same plan.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -20,32 +27,99 @@ __all__ = [
     "SOLVERS",
     "GRIDS",
     "STAGES",
+    "STAGE_OFFSETS",
+    "Interval",
     "time_grid",
+    "check_interval",
+    "stage_plan",
+    "plan_nfe",
     "GuidedField",
     "integrate",
     "nfe_per_step",
+    "sample_nfe",
     "steps_for_nfe",
+    "chunks",
     "initial_noise",
     "to_unit",
     "sample",
 ]
 
-STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+# Where each solver evaluates the field within a step, as fractions of the step: (t + c·h for c in ...).
+STAGE_OFFSETS = {"euler": (0.0,), "midpoint": (0.0, 0.5), "heun": (0.0, 1.0), "rk4": (0.0, 0.5, 0.5, 1.0)}
+STAGES = {s: len(c) for s, c in STAGE_OFFSETS.items()}
 SOLVERS = tuple(STAGES)
 GRIDS = ("uniform", "quadratic")
+
+Interval = tuple[float, float]
+Plan = list[tuple[bool, ...]]  # per step, per stage: whether the stage's time lies in the guidance interval
 
 
 def time_grid(steps: int, kind: str = "uniform", device=None) -> torch.Tensor:
     """``steps + 1`` times from 0 to 1 (fp32). ``quadratic``: t_i = 1 − (1 − i/n)², steps shrink toward the
-    data end (t = 1), where the field of a well-trained model bends the most."""
+    data end (t = 1), where the field of a well-trained model bends the most.
+
+    Computed on the CPU and then moved, so that every device integrates over the same fp32 times and the
+    host-side :func:`stage_plan` sees exactly the times the network will see."""
     if steps <= 0:
         raise ValueError(f"steps must be > 0, got {steps}")
-    s = torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float32)
+    s = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float32)
     if kind == "uniform":
-        return s
-    if kind == "quadratic":
-        return 1.0 - (1.0 - s) ** 2
-    raise ValueError(f"unknown time grid {kind!r}; choose one of {', '.join(GRIDS)}")
+        g = s
+    elif kind == "quadratic":
+        g = 1.0 - (1.0 - s) ** 2
+    else:
+        raise ValueError(f"unknown time grid {kind!r}; choose one of {', '.join(GRIDS)}")
+    return g if device is None else g.to(device)
+
+
+def check_interval(interval: Sequence[float] | None) -> Interval | None:
+    """``interval`` as a ``(lo, hi)`` pair of floats with 0 ≤ lo < hi ≤ 1, or None (guide at every stage).
+    Raises ValueError (one line) for anything else."""
+    if interval is None:
+        return None
+    if len(interval) != 2:
+        raise ValueError(f"a guidance interval is two times LO,HI, got {len(interval)} values")
+    lo, hi = (float(v) for v in interval)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"guidance interval {lo:g},{hi:g}: the times must be finite")
+    if not (0.0 <= lo < hi <= 1.0):
+        raise ValueError(f"guidance interval {lo:g},{hi:g}: need 0 <= LO < HI <= 1 (t = 0 noise, t = 1 data)")
+    return lo, hi
+
+
+def stage_plan(grid: torch.Tensor, solver: str, interval: Interval | None = None) -> Plan:
+    """For each step of ``grid`` and each stage of ``solver``: whether the stage's time lies in ``interval``
+    (closed, both ends; ``None``: every stage does).
+
+    Stage times are computed as :func:`integrate` computes them (``t + 0.5·h``, ``t + h``, in fp32), and the
+    bounds are rounded to fp32 too, so a bound written as a grid time (``0.3``) includes the stage at that time.
+    One small device-to-host copy of the grid when ``interval`` is given, none otherwise."""
+    if solver not in STAGES:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    n = len(grid) - 1
+    if interval is None:
+        return [(True,) * STAGES[solver]] * n
+    lo, hi = check_interval(interval)
+    g = grid.detach().to("cpu", torch.float32)
+    t, h = g[:-1], g[1:] - g[:-1]  # [n] each
+    cols = []
+    for c in STAGE_OFFSETS[solver]:
+        s = t if c == 0.0 else t + h if c == 1.0 else t + c * h  # the same fp32 ops as integrate
+        cols.append((s >= torch.tensor(lo, dtype=torch.float32)) & (s <= torch.tensor(hi, dtype=torch.float32)))
+    return [tuple(row) for row in torch.stack(cols, 1).tolist()]
+
+
+def _guidance_factor(guidance: float) -> int:
+    """Network evaluations per field evaluation: 2 under guidance (both halves), 1 at w = 0 or 1."""
+    return 1 if float(guidance) in (0.0, 1.0) else 2
+
+
+def plan_nfe(plan: Plan, guidance: float) -> int:
+    """Network evaluations per image of a sampling run that follows ``plan`` at guidance ``guidance``: a stage
+    inside the interval costs what the guided field costs (2, or 1 at w = 0 or 1), one outside costs 1."""
+    inside = sum(sum(step) for step in plan)
+    total = sum(len(step) for step in plan)
+    return inside * _guidance_factor(guidance) + (total - inside)
 
 
 class GuidedField:
@@ -53,22 +127,39 @@ class GuidedField:
 
     ``guidance`` w: v = v_uncond + w·(v_cond − v_uncond). w = 1 is the plain conditional field (one call),
     w = 0 the unconditional one (one call); any other w runs cond and uncond as one batched call (2 NFE).
-    The model may run under ``ctx`` (bf16 autocast); what comes back is fp32.
+    ``interval`` (lo, hi): guide only at stages whose time lies in [lo, hi]; elsewhere the conditional field
+    (see :func:`stage_plan`). The model may run under ``ctx`` (bf16 autocast); what comes back is fp32.
     """
 
-    def __init__(self, model: Callable, labels: torch.Tensor, guidance: float = 1.0, ctx=None):
+    def __init__(
+        self,
+        model: Callable,
+        labels: torch.Tensor,
+        guidance: float = 1.0,
+        ctx=None,
+        interval: Interval | None = None,
+    ):
         self.model, self.labels, self.w = model, labels, float(guidance)
+        self.interval = check_interval(interval)
         self.ctx = ctx if ctx is not None else contextlib.nullcontext()
         self.nfe = 0
         self.uncond = torch.full_like(labels, NO_LABEL)
 
     @property
     def guided(self) -> bool:
+        """Whether a stage inside the interval runs both halves (w other than 0 and 1)."""
         return self.w not in (0.0, 1.0)
 
     @property
     def cost(self) -> int:
         return _guidance_factor(self.w)
+
+    def weight(self, inside: bool = True) -> float:
+        """The w a stage uses: the guidance scale inside the interval, 1 (conditional) outside."""
+        return self.w if inside else 1.0
+
+    def plan(self, grid: torch.Tensor, solver: str) -> Plan:
+        return stage_plan(grid, solver, self.interval)
 
     def both(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(v_cond, v_uncond) from one batched call; x [B, ...] fp32, t 0-d."""
@@ -79,69 +170,113 @@ class GuidedField:
         self.nfe += 2
         return v[:b], v[b:]
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.guided:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, inside: bool = True) -> torch.Tensor:
+        """dx/dt at x [B, ...] fp32 and the 0-d time t; ``inside``: whether t lies in the guidance interval."""
+        w = self.weight(inside)
+        if w not in (0.0, 1.0):
             vc, vu = self.both(x, t)
             vu = vu.float()
-            return vu + self.w * (vc.float() - vu)
-        y = self.labels if self.w == 1.0 else self.uncond
+            return vu + w * (vc.float() - vu)
+        y = self.labels if w == 1.0 else self.uncond
         with self.ctx:
             v = self.model(x, t.expand(x.shape[0]), y)
         self.nfe += 1
         return v.float()
 
 
+def _at(field, x: torch.Tensor, t: torch.Tensor, flags: tuple[bool, ...] | None, k: int) -> torch.Tensor:
+    """Stage ``k`` of a step: ``field(x, t)``, told for a GuidedField whether the stage is in its interval."""
+    return field(x, t) if flags is None else field(x, t, flags[k])
+
+
 def integrate(
-    field: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    field: Callable[..., torch.Tensor],
     x: torch.Tensor,
     grid: torch.Tensor,
     solver: str = "euler",
+    plan: Plan | None = None,
 ) -> torch.Tensor:
     """Integrate dx/dt = field(x, t) over ``grid`` (fp32, increasing). ``x`` is updated in place and returned.
 
-    ``field`` takes x [B, ...] and a 0-d time and returns dx/dt (fp32). Forward Euler goes through the fused
-    ``kernels.euler_step_`` (or ``guided_euler_step_`` when ``field`` is a guided :class:`GuidedField`).
+    ``field`` takes x [B, ...] and a 0-d time and returns dx/dt (fp32). A :class:`GuidedField` also takes, per
+    stage, whether the stage lies in its guidance interval: from ``plan`` (per step, per stage; the compiled
+    sampler passes it for its one step) or else from :func:`stage_plan` of ``grid``. Forward Euler goes through
+    the fused ``kernels.euler_step_`` (``guided_euler_step_`` for a stage that runs both guided halves).
     """
     if solver not in STAGES:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    guided_field = isinstance(field, GuidedField)
+    if guided_field and plan is None:
+        plan = field.plan(grid, solver)
     for i in range(len(grid) - 1):
         t, h = grid[i], grid[i + 1] - grid[i]  # 0-d tensors: no recompiles, no host sync
+        fl = plan[i] if guided_field else None  # per stage: inside the guidance interval?
         if solver == "euler":
-            if isinstance(field, GuidedField) and field.guided:
+            if guided_field and field.weight(fl[0]) not in (0.0, 1.0):
                 vc, vu = field.both(x, t)
                 kernels.guided_euler_step_(x, vc, vu, h, field.w)
             else:
-                kernels.euler_step_(x, field(x, t), h)
+                kernels.euler_step_(x, _at(field, x, t, fl, 0), h)
         elif solver == "midpoint":
-            k1 = field(x, t)
-            k2 = field(x + 0.5 * h * k1, t + 0.5 * h)
+            k1 = _at(field, x, t, fl, 0)
+            k2 = _at(field, x + 0.5 * h * k1, t + 0.5 * h, fl, 1)
             kernels.euler_step_(x, k2, h)
         elif solver == "heun":
-            k1 = field(x, t)
-            k2 = field(x + h * k1, t + h)
+            k1 = _at(field, x, t, fl, 0)
+            k2 = _at(field, x + h * k1, t + h, fl, 1)
             kernels.euler_step_(x, 0.5 * (k1 + k2), h)
         else:  # rk4
-            k1 = field(x, t)
-            k2 = field(x + 0.5 * h * k1, t + 0.5 * h)
-            k3 = field(x + 0.5 * h * k2, t + 0.5 * h)
-            k4 = field(x + h * k3, t + h)
+            k1 = _at(field, x, t, fl, 0)
+            k2 = _at(field, x + 0.5 * h * k1, t + 0.5 * h, fl, 1)
+            k3 = _at(field, x + 0.5 * h * k2, t + 0.5 * h, fl, 2)
+            k4 = _at(field, x + h * k3, t + h, fl, 3)
             kernels.euler_step_(x, (k1 + 2 * k2 + 2 * k3 + k4) / 6.0, h)
     return x
 
 
-def _guidance_factor(guidance: float) -> int:
-    """Network evaluations per field evaluation: 2 under guidance (both halves), 1 at w = 0 or 1."""
-    return 1 if float(guidance) in (0.0, 1.0) else 2
-
-
 def nfe_per_step(solver: str, guidance: float = 1.0) -> int:
-    """Network evaluations one ``solver`` step costs per image at guidance ``guidance``."""
+    """Network evaluations one ``solver`` step costs per image at guidance ``guidance`` (guided everywhere)."""
     return STAGES[solver] * _guidance_factor(guidance)
 
 
-def steps_for_nfe(nfe: int, solver: str, guidance: float = 1.0) -> int:
-    """The number of steps that spends at most ``nfe`` evaluations (0 if even one step costs more)."""
-    return nfe // nfe_per_step(solver, guidance)
+def sample_nfe(
+    steps: int, solver: str, guidance: float = 1.0, grid: str = "uniform", interval: Interval | None = None
+) -> int:
+    """Network evaluations per image of ``steps`` steps, exactly as :func:`sample` and the compiled sampler
+    spend them (per stage, inside or outside ``interval``)."""
+    if interval is None:
+        return steps * nfe_per_step(solver, guidance)
+    return plan_nfe(stage_plan(time_grid(steps, grid), solver, interval), guidance)
+
+
+def steps_for_nfe(
+    nfe: int, solver: str, guidance: float = 1.0, grid: str = "uniform", interval: Interval | None = None
+) -> int:
+    """The most steps whose exact cost (:func:`sample_nfe`) is at most ``nfe`` (0 if even one step costs more).
+
+    Without an interval every step costs the same. With one the cost per step depends on where the stages
+    fall, so the step counts from ``nfe // stages`` (every stage unguided) down are tried in turn."""
+    if interval is None:
+        return nfe // nfe_per_step(solver, guidance)
+    for n in range(nfe // STAGES[solver], 0, -1):
+        if sample_nfe(n, solver, guidance, grid, interval) <= nfe:
+            return n
+    return 0
+
+
+def chunks(n: int, batch_size: int | None) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges that cover ``n`` images in ``ceil(n / batch_size)`` near-equal chunks (the
+    first ones one image larger), so that no chunk is a small remainder. ``None``: one chunk."""
+    if batch_size is not None and batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    k = 1 if batch_size is None or n <= batch_size else -(-n // batch_size)
+    size, extra = divmod(n, k)
+    out, start = [], 0
+    for i in range(k):
+        stop = start + size + (1 if i < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
 
 
 def initial_noise(labels: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
@@ -163,12 +298,24 @@ def sample(
     solver: str = "euler",
     guidance: float = 1.0,
     grid: str = "uniform",
+    interval: Interval | None = None,
     generator: torch.Generator | None = None,
     ctx=None,
     shape: tuple[int, ...] = (1, 28, 28),
+    batch_size: int | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Draw ``len(labels)`` images. Returns ``(images, nfe)`` with images [B, 1, 28, 28] fp32 in [0, 1]."""
-    x = initial_noise(labels, shape, generator)
-    field = GuidedField(model, labels, guidance, ctx)
-    integrate(field, x, time_grid(steps, grid, labels.device), solver)
-    return to_unit(x), field.nfe
+    """Draw ``len(labels)`` images. Returns ``(images, nfe)`` with images [B, 1, 28, 28] fp32 in [0, 1] and
+    the network evaluations per image, as counted.
+
+    ``batch_size``: integrate at most this many images at a time (``None``: all at once). The whole initial
+    noise is drawn first, so the images do not depend on the chunking (up to the convolutions' choice of
+    algorithm per batch size, a few fp32 ulps)."""
+    x = initial_noise(labels, shape, generator)  # [N, ...]
+    ts = time_grid(steps, grid, labels.device)
+    plan = stage_plan(ts, solver, interval)  # once for all chunks
+    nfe = 0
+    for a, b in chunks(len(labels), batch_size):
+        field = GuidedField(model, labels[a:b], guidance, ctx, interval)
+        integrate(field, x[a:b], ts, solver, plan)  # a view: updated in place
+        nfe = field.nfe  # the same count for every chunk
+    return to_unit(x), nfe

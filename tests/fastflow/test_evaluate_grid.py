@@ -53,6 +53,27 @@ def test_plan_by_steps_and_defaults():
         plan_settings(["euler"], ["uniform"], [1.0], nfes=[0])
 
 
+def test_plan_with_guidance_intervals():
+    run, skipped = plan_settings(["euler", "heun"], ["uniform"], [1.0, 2.0], nfes=[6], intervals=[None, (0.5, 1.0)])
+    got = {
+        (s["solver"], s["guidance"], None if s["guidance_interval"] is None else tuple(s["guidance_interval"])): s[
+            "steps"
+        ]
+        for s in run
+    }
+    # w = 2 in [0.5, 1]: Euler's 4 steps cost 1 + 1 + 2 + 2 = 6 (guided everywhere: 3 steps); Heun's stages at t
+    # and t + h: 2 steps cost (1 + 2) + (2 + 2) = 7 > 6, 1 step 1 + 2 = 3. w = 1 is planned once.
+    assert got == {
+        ("euler", 1.0, None): 6, ("heun", 1.0, None): 3,
+        ("euler", 2.0, None): 3, ("heun", 2.0, None): 1,
+        ("euler", 2.0, (0.5, 1.0)): 4, ("heun", 2.0, (0.5, 1.0)): 1,
+    }  # fmt: skip
+    assert skipped == []
+    _, skipped = plan_settings(["rk4"], ["uniform"], [2.0], nfes=[4], intervals=[(0.0, 0.4)])
+    # one RK4 step over [0, 1]: stages at 0 (in), .5, .5, 1 (out): 2 + 1 + 1 + 1
+    assert [s["reason"] for s in skipped] == ["one rk4 step costs 5 NFE at guidance 2 [0,0.4] > 4"]
+
+
 def test_list_flags_and_single_flags_both_parse():
     a = build_parser().parse_args(
         [
@@ -129,6 +150,8 @@ def test_markdown_table():
     assert len([ln for ln in lines if ln.startswith("| ")]) == 1 + len(ROWS)
     assert "| heun | uniform | 2 | 8 | 8 | 99.50% | 3: 98.5% | 1.400 | 1.40 |" in lines
     assert "Floor: FID 1.000 for 1000 MNIST training images" in t and "Skipped: rk4/uniform w=2 at 4 NFE" in t
+    iv = {**_row("euler", 2.0, 6, 0.99, 1.3), "steps": 4, "guidance_interval": [0.5, 1.0]}
+    assert "| euler | uniform | 2 [0.5,1] | 4 | 6 | 99.00% |" in markdown_table(_report([iv]))
 
 
 def test_plot_script_reads_the_json(tmp_path):
@@ -170,6 +193,7 @@ ROW_FIELDS = {
     "per_digit",
     "fid",
     "fid_over_floor",
+    "guidance_interval",
 }
 SUMMARY_FIELDS = {"best_accuracy_nfe_le_10", "best_fid_nfe_le_10", "best_accuracy_nfe_le_20", "aim_nfe_le_10"}
 
@@ -207,13 +231,23 @@ def test_grid_end_to_end(tiny, capsys, monkeypatch):
 
     # --resume with one more guidance scale: only the new settings are generated, the old rows are kept.
     ran = []
-    real = ev.generate
-    monkeypatch.setattr(ev, "generate", lambda *a, **k: ran.append(k["guidance"]) or real(*a, **k))
+    real = ev.make_sampler
+    monkeypatch.setattr(ev, "make_sampler", lambda *a, **k: ran.append(k["guidance"]) or real(*a, **k))
     assert ev.main([*common, *grid, "--guidance", "1,2,0", "--out", str(out), "--resume"]) == 0
     again = json.loads(out.read_text())
     assert ran and set(ran) == {0.0}
     assert [r for r in again["results"] if r["guidance"] != 0.0] == rep["results"]
-    monkeypatch.setattr(ev, "generate", real)
+    monkeypatch.setattr(ev, "make_sampler", real)
+
+    # A guidance interval: its cost is counted stage by stage, in chunks of 7 images.
+    iv_out = tiny / "iv.json"
+    args = "--solvers euler,heun --steps 4 --guidance 2 --guidance-interval none 0.5,1 --batch-size 7"
+    assert ev.main([*common, *args.split(), "--num-samples", "20", "--out", str(iv_out)]) == 0
+    iv = json.loads(iv_out.read_text())
+    assert iv["batch_size"] == 7
+    nfe = {(r["solver"], tuple(r["guidance_interval"] or ())): r["nfe"] for r in iv["results"]}
+    # t = 0, .25, .5, .75: Euler 1 + 1 + 2 + 2; Heun's stages at t and t + h: 2 + 3 + 4 + 4
+    assert nfe == {("euler", ()): 8, ("euler", (0.5, 1.0)): 6, ("heun", ()): 16, ("heun", (0.5, 1.0)): 13}
 
     # The same seed gives the same digits: a second run of one setting reproduces its row.
     one = tiny / "one.json"

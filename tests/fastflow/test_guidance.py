@@ -1,5 +1,6 @@
 """Classifier-free guidance: w = 0 is the unconditional field, w = 1 the conditional one, other w the
-extrapolation from one batched call; the fused guided Euler step; label dropout in training."""
+extrapolation from one batched call; the fused guided Euler step; guidance in a limited interval; label dropout
+in training."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import kernels
 from fastflow.config import ModelConfig
 from fastflow.path import NO_LABEL, drop_labels
-from fastflow.solvers import SOLVERS, GuidedField, integrate, time_grid
+from fastflow.solvers import SOLVERS, STAGES, GuidedField, integrate, time_grid
 from fastflow.unet import UNet
 
 
@@ -165,3 +166,56 @@ def test_bf16_network_output_keeps_an_fp32_state(solver, w):
     assert got.dtype == torch.float32
     # each v carries a bf16 rounding of 2^-8 relative; summed over the steps with h·|v| ≲ |x|
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+# -- guidance in a limited interval -----------------------------------------------------------------------
+
+# A 5-step quadratic grid (t = 0, .36, .64, .84, .96, 1) with [0.3, 0.7]: stages in and out for every solver,
+# none within rounding of a bound, so the by-hand field below can decide from its own fp32 t.
+LO, HI = 0.3, 0.7
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("w", [0.0, 3.0])
+def test_interval_guides_exactly_the_stages_inside(solver, w):
+    """Guided (w) where the stage time lies in [LO, HI], the plain conditional field elsewhere, per stage."""
+    model, x0, labels, _ = _setup()
+    u = torch.full_like(labels, NO_LABEL)
+    inside = []
+
+    def by_hand(x, t):
+        tt = t.expand(len(labels))
+        vc, vu = model(x, tt, labels), model(x, tt, u)
+        inside.append(LO <= float(t) <= HI)
+        return vu + w * (vc - vu) if inside[-1] else vc
+
+    grid = time_grid(5, "quadratic")
+    want = integrate(by_hand, x0.clone(), grid, solver)
+    assert any(inside) and not all(inside)
+    f = GuidedField(model, labels, w, interval=(LO, HI))
+    got = integrate(f, x0.clone(), grid, solver)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert f.nfe == sum((2 if w not in (0.0, 1.0) else 1) if i else 1 for i in inside)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_interval_0_1_is_full_guidance_and_an_empty_one_is_none(solver):
+    model, x0, labels, _ = _setup()
+    grid = time_grid(4)  # t = 0, .25, .5, .75, 1; stages also at .125, .375, ...
+    full = GuidedField(model, labels, 2.0)
+    want = integrate(full, x0.clone(), grid, solver)
+    f = GuidedField(model, labels, 2.0, interval=(0.0, 1.0))
+    assert torch.equal(integrate(f, x0.clone(), grid, solver), want) and f.nfe == full.nfe
+    plain = GuidedField(model, labels, 1.0)
+    want = integrate(plain, x0.clone(), grid, solver)
+    f = GuidedField(model, labels, 2.0, interval=(0.9, 0.95))  # no stage of a 4-step grid lies in it
+    assert torch.equal(integrate(f, x0.clone(), grid, solver), want) and f.nfe == plain.nfe == 4 * STAGES[solver]
+
+
+@pytest.mark.parametrize(
+    "bad", [(0.5, 0.2), (0.3, 0.3), (-0.1, 0.5), (0.2, 1.5), (float("nan"), 0.5), (0.1,), (0.1, 0.2, 0.3)]
+)
+def test_malformed_interval_is_refused(bad):
+    model, _, labels, _ = _setup()
+    with pytest.raises(ValueError, match="interval"):
+        GuidedField(model, labels, 2.0, interval=bad)

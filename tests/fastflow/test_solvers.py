@@ -1,5 +1,5 @@
 """Solvers against closed forms: the order of accuracy on ODEs with known solutions, NFE counting, time grids,
-and the exact marginal field of a tiny dataset driving every solver to one of its points."""
+the exact marginal field of a tiny dataset driving every solver to one of its points, and chunked sampling."""
 
 from __future__ import annotations
 
@@ -8,7 +8,21 @@ import math
 import pytest
 import torch
 
-from fastflow.solvers import GRIDS, SOLVERS, STAGES, GuidedField, integrate, sample, steps_for_nfe, time_grid
+from fastflow.config import PRESETS, ModelConfig
+from fastflow.solvers import (
+    GRIDS,
+    SOLVERS,
+    STAGES,
+    GuidedField,
+    chunks,
+    integrate,
+    sample,
+    sample_nfe,
+    stage_plan,
+    steps_for_nfe,
+    time_grid,
+)
+from fastflow.unet import UNet
 
 ORDER = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
 # Step counts (n, 2n) per solver: in the asymptotic range, and with relative errors ≥ 1e-6 at 2n (measured:
@@ -163,3 +177,122 @@ def test_guided_field_is_the_one_integrate_uses():
     integrate(GuidedField(model, labels, 1.0), x1, time_grid(4), "heun")
     integrate(lambda x, t: model(x, t.expand(2), labels), x2, time_grid(4), "heun")
     torch.testing.assert_close(x1, x2, atol=0, rtol=0)
+
+
+# -- chunked sampling ---------------------------------------------------------------------------------------
+
+
+def test_chunks_cover_the_request_in_near_equal_parts():
+    for n, b in [(1000, 128), (1001, 128), (5, 128), (128, 128), (129, 128), (7, 1), (10, 3)]:
+        parts = chunks(n, b)
+        assert parts[0][0] == 0 and parts[-1][1] == n
+        assert all(p[1] == q[0] for p, q in zip(parts, parts[1:])), "contiguous"
+        sizes = [stop - start for start, stop in parts]
+        assert max(sizes) <= b and max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+        assert len(parts) == -(-n // b)
+    assert chunks(1000, 128)[0] == (0, 125)  # 8 chunks of 125, not 7 of 128 and one of 104
+    assert chunks(300, None) == [(0, 300)]
+    with pytest.raises(ValueError):
+        chunks(10, 0)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("guidance,interval", [(1.0, None), (2.5, None), (2.5, (0.3, 0.7))])
+def test_chunked_sampling_is_one_batch_exactly(solver, guidance, interval):
+    """The whole noise is drawn first and each image's arithmetic does not depend on its neighbours here (an
+    elementwise field), so any chunking gives the same bits as one batch, and the same NFE."""
+    model, labels = CountingModel(), torch.arange(23) % 10
+    kw = dict(solver=solver, guidance=guidance, interval=interval, grid="quadratic", shape=(1, 3, 3))
+    one, nfe = sample(model, labels, 4, generator=torch.Generator().manual_seed(7), **kw)
+    for b in (1, 5, 8, 22, 23, 64):
+        got, nfe_b = sample(model, labels, 4, generator=torch.Generator().manual_seed(7), batch_size=b, **kw)
+        assert torch.equal(got, one), f"batch_size {b}: max |Δ| {(got - one).abs().max():.3g}"
+        assert nfe_b == nfe
+    assert float(one.std()) > 0.01
+
+
+@pytest.mark.slow
+def test_chunked_sampling_on_the_unet_matches_one_batch():
+    """The cpu preset's U-Net, fp32 eager: chunks of 64 and of 7 against one batch of 150.
+
+    Not bit for bit in general: oneDNN picks its convolution algorithm by the batch size (and thread count).
+    Seen here (Sapphire Rapids, torch 2.14): one forward at batch 1 or 13 differs from batch 300 by up to 2.4e-7
+    on the same image, while batches 64, 128 and 256 matched exactly; this test's samples at batch 7 differed
+    by 1.2e-7 with one thread and not at all with two. The bound, 1e-5, is fifty times that; other noise per
+    chunk, or images put back in the wrong place, would differ by ~0.5."""
+    torch.manual_seed(0)
+    model = UNet(ModelConfig(**PRESETS["cpu"][0])).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # non-zero everywhere (the output conv starts at zero)
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    labels = torch.arange(150) % 10
+    one, nfe = sample(model, labels, 3, guidance=2.0, generator=torch.Generator().manual_seed(1))
+    assert float(one.std()) > 0.05
+    for b in (64, 7):
+        got, nfe_b = sample(model, labels, 3, guidance=2.0, generator=torch.Generator().manual_seed(1), batch_size=b)
+        diff = float((got - one).abs().max())
+        assert diff <= 1e-5, f"batch_size {b}: max |Δ| {diff:.3g} against one batch"
+        assert nfe_b == nfe == 6
+
+
+# -- guidance in a limited interval: NFE ------------------------------------------------------------------
+
+# t in [0.3, 0.7] on a 5-step quadratic grid (t = 0, .36, .64, .84, .96, 1): some stages in, some out, and for
+# every multi-stage solver a step that straddles a bound.
+INTERVAL = (0.3, 0.7)
+
+
+def _by_hand_nfe(steps: int, solver: str, w: float, grid: str, interval) -> int:
+    """Stage by stage from the float64 grid: 2 NFE inside the interval (w other than 0, 1), 1 outside."""
+    ts = time_grid(steps, grid).double().tolist()
+    offsets = {"euler": (0.0,), "midpoint": (0.0, 0.5), "heun": (0.0, 1.0), "rk4": (0.0, 0.5, 0.5, 1.0)}[solver]
+    total = 0
+    for a, b in zip(ts, ts[1:]):
+        for c in offsets:
+            inside = interval is None or interval[0] <= a + c * (b - a) <= interval[1]
+            total += 2 if inside and w not in (0.0, 1.0) else 1
+    return total
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_interval_nfe_is_counted_exactly(solver):
+    model, b, steps, w = CountingModel(), 6, 5, 2.0
+    labels = torch.arange(b) % 10
+    _, nfe = sample(
+        model, labels, steps, solver=solver, guidance=w, grid="quadratic", interval=INTERVAL, shape=(1, 2, 2)
+    )
+    per_image = model.images / b  # what the network actually saw, per image
+    want = _by_hand_nfe(steps, solver, w, "quadratic", INTERVAL)
+    assert nfe == per_image == want == sample_nfe(steps, solver, w, "quadratic", INTERVAL)
+    # strictly between never guided and always guided: some stages in, some out
+    assert steps * STAGES[solver] < want < 2 * steps * STAGES[solver]
+    assert model.calls == steps * STAGES[solver]  # inside: one batched call of both halves; outside: one call
+    plan = stage_plan(time_grid(steps, "quadratic"), solver, INTERVAL)
+    if solver != "euler":
+        assert any(len(set(step)) == 2 for step in plan), "the grid should have a step that straddles a bound"
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_interval_nfe_is_counted_on_a_uniform_grid_too(solver):
+    model, b, steps, iv = CountingModel(), 3, 7, (0.25, 0.55)  # no stage time on a bound
+    _, nfe = sample(model, torch.arange(b), steps, solver=solver, guidance=3.0, interval=iv, shape=(1, 2, 2))
+    assert nfe == model.images / b == _by_hand_nfe(steps, solver, 3.0, "uniform", iv)
+
+
+def test_interval_bound_on_a_grid_time_is_inside():
+    """A bound written as a grid time (0.3, 0.7 on ten uniform steps) includes that stage: both sides are
+    compared in fp32, as the network sees the time."""
+    plan = stage_plan(time_grid(10), "euler", (0.3, 0.7))
+    assert [s[0] for s in plan] == [False, False, False, True, True, True, True, True, False, False]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("grid", GRIDS)
+def test_steps_for_nfe_with_an_interval_is_the_most_that_fit(solver, grid):
+    for budget in range(1, 40):
+        k = steps_for_nfe(budget, solver, 2.0, grid, INTERVAL)
+        if k:
+            assert sample_nfe(k, solver, 2.0, grid, INTERVAL) <= budget
+        assert all(sample_nfe(m, solver, 2.0, grid, INTERVAL) > budget for m in range(k + 1, budget + 1))
+    assert steps_for_nfe(40, solver, 2.0, grid, None) == steps_for_nfe(40, solver, 2.0)

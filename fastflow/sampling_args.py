@@ -1,0 +1,265 @@
+"""The flags that ``fastflow.sample`` and ``fastflow.evaluate`` share, each defined once (:data:`FLAGS`).
+
+``fastflow.sample`` draws with one setting, so every flag takes one value. ``fastflow.evaluate`` runs a grid of
+settings: there the flags marked ``grid`` take a list (comma-separated; for ``--guidance-interval``, intervals
+separated by spaces, since an interval holds a comma), and the plural alias (``--solvers``) too. Name, type,
+default, choices and help live on the flag; :func:`add_sampling_args` builds either form from it, and the
+README's CLI reference is ``--help``'s output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import UserError
+from .solvers import GRIDS, SOLVERS, Interval, check_interval, sample_nfe, steps_for_nfe
+
+__all__ = [
+    "Flag",
+    "FLAGS",
+    "DEFAULT_BATCH_SIZE",
+    "finite_float",
+    "parse_interval",
+    "comma_list",
+    "add_sampling_args",
+    "resolve_steps",
+    "resolve_batch_size",
+    "describe_guidance",
+]
+
+# Images integrated at a time when --batch-size is not given. CPU: the cpu preset's U-Net, fp32 eager, 10 Euler
+# steps, one thread, images per CPU-second, measured on a 2-vCPU Sapphire Rapids VM under load from other jobs:
+# batch 32/64/128/256/512 ran 54/52/52/44/38 natively and 44/39/39/33/28 held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2,
+# ATEN_CPU_CAPABILITY=avx2); 1000 digits ran 26 at batch 1000 against 46-48 at 128 and 51 at 64. The README's
+# bench table (idle 2-core EPYC, two threads) has eager fp32 at 74.8/67.1/74.1/62.2/45.4 for 32..512, and issue
+# 13 saw 38-51 img/s at 128 against 22-23 at 1000 on a 2-core AVX2 EPYC: past ~128 images the activations leave
+# the cache. 128 rather than 32-64: two threads split each op of a small batch into less work per thread.
+# CUDA: not measured (no GPU lent); 1000 makes the usual requests one call, and under guidance 2000 images of
+# 28×28 per network call, far below a GPU's memory.
+DEFAULT_BATCH_SIZE = {"cpu": 128, "cuda": 1000}
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite float."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return v
+
+
+def parse_interval(text: str) -> Interval | None:
+    """An argparse type: ``"LO,HI"`` -> ``(LO, HI)`` with 0 <= LO < HI <= 1. ``"none"`` and ``"0,1"`` (every
+    stage time lies in [0, 1]) mean guidance everywhere: None."""
+    if text.strip().lower() == "none":
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an interval LO,HI (e.g. 0.2,0.8) or none")
+    try:
+        bounds = [finite_float(p) for p in parts]
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    try:
+        iv = check_interval(bounds)
+    except ValueError as e:  # "guidance interval 0.8,0.2: need 0 <= LO < HI <= 1 (...)"
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return None if iv == (0.0, 1.0) else iv
+
+
+def comma_list(parse, choices: tuple | None = None):
+    """An argparse type: ``"a,b,c"`` -> ``[parse(a), parse(b), parse(c)]``, each checked against ``choices``."""
+
+    def convert(text: str) -> list:
+        out = []
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            v = parse(part)
+            if choices is not None and v not in choices:
+                raise argparse.ArgumentTypeError(f"invalid choice {part!r} (choose from {', '.join(choices)})")
+            out.append(v)
+        if not out:
+            raise argparse.ArgumentTypeError("expected at least one value")
+        return out
+
+    return convert
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag of both programs.
+
+    ``grid``: a list in ``fastflow.evaluate`` (a plural alias there when ``plural``; ``spaced``: the values are
+    separate words rather than one comma-separated word). ``metavar`` names one value."""
+
+    name: str
+    help: str
+    parse: Callable[[str], Any] | None = None
+    default: Any = None
+    choices: tuple | None = None
+    metavar: str | None = None
+    grid: bool = False
+    plural: bool = False
+    spaced: bool = False
+    aliases: tuple[str, ...] = ()
+    switch: bool = False  # a store_true flag
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("--checkpoint", "checkpoint folder (default: model)", default="model"),
+    Flag(
+        "--solver",
+        f"ODE solver, from {','.join(SOLVERS)} (default: euler)",
+        parse=str,
+        default="euler",
+        choices=SOLVERS,
+        metavar="S",
+        grid=True,
+        plural=True,
+    ),
+    Flag("--steps", "solver steps (default: 10, or from --nfe)", parse=int, metavar="N", grid=True),
+    Flag(
+        "--nfe",
+        "network evaluations per image to spend instead of --steps: the most steps whose exact cost fits "
+        "(evaluate skips a setting where one step costs more)",
+        parse=int,
+        metavar="N",
+        grid=True,
+    ),
+    Flag(
+        "--guidance",
+        "classifier-free guidance w: 1 = conditional, 0 = unconditional; other w cost 2 NFE per stage (default: 1)",
+        parse=finite_float,
+        default=1.0,
+        metavar="W",
+        grid=True,
+        plural=True,
+    ),
+    Flag(
+        "--guidance-interval",
+        "guide only at solver stages whose time t lies in [LO, HI] (t = 0 noise, t = 1 data), the conditional "
+        "field (1 NFE) elsewhere; 0 <= LO < HI <= 1; none or 0,1: at every stage (default: none). At w = 1 it "
+        "changes nothing",
+        parse=parse_interval,
+        metavar="LO,HI",
+        grid=True,
+        plural=True,
+        spaced=True,
+    ),
+    Flag(
+        "--grid",
+        f"time grid, from {','.join(GRIDS)} (default: uniform)",
+        parse=str,
+        default="uniform",
+        choices=GRIDS,
+        metavar="G",
+        grid=True,
+        plural=True,
+    ),
+    Flag("--seed", "noise seed (default: 0)", parse=int, default=0),
+    Flag(
+        "--batch-size",
+        "images integrated at a time (the network sees twice as many at guided stages); a larger request runs "
+        "in chunks, from the same noise as one batch (default: "
+        f"{DEFAULT_BATCH_SIZE['cpu']} on a CPU, {DEFAULT_BATCH_SIZE['cuda']} on CUDA)",
+        parse=int,
+        metavar="B",
+        aliases=("--batch",),
+    ),
+    Flag(
+        "--device", "where to run (default: auto = cuda if available)", default="auto", choices=("auto", "cpu", "cuda")
+    ),
+    Flag(
+        "--amp",
+        "network precision: none = fp32, bf16, or auto = bf16 on CUDA with bf16 and on a CPU where native bf16 "
+        "(AVX-512 BF16 / AMX) runs fast (default: none)",
+        default="none",
+        choices=("auto", "none", "bf16"),
+    ),
+    Flag("--no-ema", "use the raw weights, not the EMA ones", switch=True),
+    Flag(
+        "--compile",
+        "torch.compile the solver step (and on CUDA replay the loop as one CUDA graph); compiles once per "
+        "sampling setting, so it pays off for repeated or large requests",
+        switch=True,
+    ),
+)
+
+
+def add_sampling_args(p: argparse.ArgumentParser, lists: bool = False) -> None:
+    """Add :data:`FLAGS` to ``p``: one value each (``fastflow.sample``), or with ``lists`` (``fastflow.evaluate``'s
+    grid) a list for each ``grid`` flag, whose value is then a list (a flag left out: its default, as a list of
+    one, or None)."""
+    for f in FLAGS:
+        names = [f.name, *f.aliases]
+        if f.switch:
+            p.add_argument(*names, action="store_true", help=f.help)
+            continue
+        kw: dict[str, Any] = dict(dest=f.dest, default=f.default, help=f.help)
+        if lists and f.grid:
+            if f.plural:
+                names.append(f.name + "s")
+            if f.spaced:
+                kw.update(type=f.parse, nargs="+", metavar=f.metavar)
+            else:
+                kw.update(type=comma_list(f.parse, f.choices), metavar=f"{f.metavar}[,{f.metavar}...]")
+            kw["default"] = None if f.default is None else [f.default]
+        else:
+            # with choices, argparse checks the value (and shows the choices in the usage line)
+            kw.update(type=f.parse, choices=f.choices, metavar=None if f.choices else f.metavar)
+        p.add_argument(*names, **{k: v for k, v in kw.items() if v is not None or k == "default"})
+
+
+def resolve_steps(
+    steps: int | None,
+    nfe: int | None,
+    solver: str,
+    guidance: float,
+    grid: str = "uniform",
+    interval: Interval | None = None,
+) -> int:
+    """The step count from ``--steps`` or ``--nfe`` (10 when neither is given), or a one-line UserError."""
+    if steps is not None and nfe is not None:
+        raise UserError("give --steps or --nfe, not both")
+    if nfe is not None:
+        if nfe <= 0:
+            raise UserError(f"--nfe must be > 0, got {nfe}")
+        s = steps_for_nfe(nfe, solver, guidance, grid, interval)
+        if s == 0:
+            cost = sample_nfe(1, solver, guidance, grid, interval)
+            raise UserError(
+                f"--nfe {nfe} is less than one {solver} step costs at {describe_guidance(guidance, interval)} ({cost})"
+            )
+        return s
+    steps = 10 if steps is None else steps
+    if steps <= 0:
+        raise UserError(f"--steps must be > 0, got {steps}")
+    return steps
+
+
+def resolve_batch_size(batch_size: int | None, device: torch.device) -> int:
+    """``--batch-size``, or the measured default for ``device`` (:data:`DEFAULT_BATCH_SIZE`)."""
+    if batch_size is None:
+        return DEFAULT_BATCH_SIZE.get(device.type, DEFAULT_BATCH_SIZE["cpu"])
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be > 0, got {batch_size}")
+    return batch_size
+
+
+def describe_guidance(guidance: float, interval: Interval | None) -> str:
+    """``"guidance 2"`` or ``"guidance 2 in t ∈ [0.3, 1]"``, for messages and tables."""
+    text = f"guidance {float(guidance):g}"
+    return text if interval is None else f"{text} for t in [{interval[0]:g}, {interval[1]:g}]"

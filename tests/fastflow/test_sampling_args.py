@@ -1,0 +1,131 @@
+"""The flags fastflow.sample and fastflow.evaluate share (fastflow.sampling_args): defined once, one value in
+sample and a list in evaluate's grid, and a one-line error for each malformed value."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastflow.errors import UserError
+from fastflow.evaluate import build_parser as evaluate_parser
+from fastflow.sample import build_parser as sample_parser
+from fastflow.sampling_args import DEFAULT_BATCH_SIZE, FLAGS, resolve_batch_size, resolve_steps
+from fastflow.solvers import sample_nfe
+
+
+def _options(parser) -> dict[str, object]:
+    return {s: a for a in parser._actions for s in a.option_strings}
+
+
+def test_every_shared_flag_is_in_both_programs_with_one_help():
+    sample, evaluate = _options(sample_parser()), _options(evaluate_parser())
+    for f in FLAGS:
+        assert f.name in sample and f.name in evaluate, f.name
+        assert sample[f.name].help == evaluate[f.name].help == f.help  # one text, which the README copies
+        for alias in f.aliases:
+            assert sample[alias] is sample[f.name] and evaluate[alias] is evaluate[f.name]
+    assert "--solvers" in evaluate and "--solvers" not in sample  # plural aliases only where lists are taken
+
+
+def test_single_values_in_sample_and_lists_in_evaluate():
+    argv = [
+        "--solver",
+        "heun",
+        "--steps",
+        "5",
+        "--guidance",
+        "2",
+        "--guidance-interval",
+        "0.2,0.8",
+        "--grid",
+        "quadratic",
+    ]
+    a = sample_parser().parse_args(argv + ["--batch", "64", "--compile"])
+    assert (a.solver, a.steps, a.guidance, a.guidance_interval, a.grid) == ("heun", 5, 2.0, (0.2, 0.8), "quadratic")
+    assert a.batch_size == 64 and a.compile and a.nfe is None and a.seed == 0
+    b = evaluate_parser().parse_args(argv + ["--batch-size", "64"])
+    assert (b.solver, b.steps, b.guidance, b.guidance_interval, b.grid) == (
+        ["heun"],
+        [5],
+        [2.0],
+        [(0.2, 0.8)],
+        ["quadratic"],
+    )
+    c = evaluate_parser().parse_args(["--guidance-intervals", "none", "0.3,1", "0,1", "--guidance", "1,2"])
+    assert c.guidance_interval == [None, (0.3, 1.0), None]  # none and 0,1 both mean: guide at every stage
+    d = sample_parser().parse_args([])
+    assert (d.solver, d.guidance, d.guidance_interval, d.grid, d.batch_size) == ("euler", 1.0, None, "uniform", None)
+    e = evaluate_parser().parse_args([])
+    assert (e.solver, e.guidance, e.guidance_interval, e.grid, e.steps, e.nfe) == (
+        ["euler"],
+        [1.0],
+        None,
+        ["uniform"],
+        None,
+        None,
+    )
+
+
+@pytest.mark.parametrize("parser", [sample_parser, evaluate_parser])
+@pytest.mark.parametrize(
+    "value,phrase",
+    [
+        ("0.8,0.2", "need 0 <= LO < HI <= 1"),
+        ("0.5,0.5", "need 0 <= LO < HI <= 1"),
+        ("-0.1,0.5", "need 0 <= LO < HI <= 1"),
+        ("0.2,1.5", "need 0 <= LO < HI <= 1"),
+        ("0.2", "is not an interval LO,HI"),
+        ("0.1,0.2,0.3", "is not an interval LO,HI"),
+        ("a,b", "not a number: 'a'"),
+        ("nan,0.5", "not a finite number"),
+    ],
+)
+def test_malformed_interval_is_one_line(parser, value, phrase, capsys):
+    with pytest.raises(SystemExit) as e:
+        parser().parse_args([f"--guidance-interval={value}"])  # "=": "-0.1,..." is no flag
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "argument --guidance-interval" in err and phrase in err, err
+
+
+def test_batch_size_default_per_device_and_refused_when_not_positive():
+    assert resolve_batch_size(None, torch.device("cpu")) == DEFAULT_BATCH_SIZE["cpu"]
+    assert resolve_batch_size(None, torch.device("cuda")) == DEFAULT_BATCH_SIZE["cuda"]
+    assert resolve_batch_size(7, torch.device("cpu")) == 7
+    for bad in (0, -3):
+        with pytest.raises(UserError, match=f"--batch-size must be > 0, got {bad}"):
+            resolve_batch_size(bad, torch.device("cpu"))
+
+
+def test_resolve_steps_spends_an_nfe_budget_exactly_with_an_interval():
+    iv = (0.5, 1.0)  # Euler on a uniform grid: the second half of the steps costs 2 at w = 2
+    steps = resolve_steps(None, 10, "euler", 2.0, "uniform", iv)
+    assert steps == 7 and sample_nfe(7, "euler", 2.0, "uniform", iv) == 10  # t = 0, 1/7, ..., 6/7: 3 out, 4 in
+    assert resolve_steps(None, 10, "euler", 2.0) == 5  # guided everywhere
+    with pytest.raises(UserError, match="--nfe 1 is less than one rk4 step costs"):
+        resolve_steps(None, 1, "rk4", 2.0, "uniform", iv)
+    with pytest.raises(UserError, match="give --steps or --nfe, not both"):
+        resolve_steps(3, 3, "euler", 1.0)
+
+
+def _readme_block(prog: str) -> str:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index(f"### `python -m fastflow.{prog}`")
+    block = text[start:].split("```")[1]
+    return block
+
+
+@pytest.mark.parametrize("prog,parser", [("sample", sample_parser), ("evaluate", evaluate_parser)])
+def test_readme_reference_lists_every_flag(prog, parser):
+    """The README's CLI reference is --help's output (regenerate it with COLUMNS=110 when a flag changes):
+    every option string of the parser is there, and no other. (Exact text differs across Python versions.)"""
+    block = _readme_block(prog)
+    assert block.lstrip().startswith(f"usage: python -m fastflow.{prog}")
+    listed = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z]", block))
+    have = {s for a in parser()._actions for s in a.option_strings if s.startswith("--")}
+    assert have <= listed, f"missing from README: {sorted(have - listed)}"
+    assert listed <= have, f"in README, not in the parser: {sorted(listed - have)}"
