@@ -103,7 +103,7 @@ def describe_amp(amp: str, dtype: torch.dtype | None, device: torch.device) -> s
     if not _cpu_has_bf16():
         return f"{name} (auto: this CPU has no bf16 instructions)"
     fp32_s, bf16_s = cpu_bf16_probe()
-    return f"{name} (auto: a bf16 convolution took {bf16_s / fp32_s:.1f}x fp32's time here)"
+    return f"{name} (auto: a bf16 convolution took {bf16_s / fp32_s:.2g}x fp32's time here)"
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
