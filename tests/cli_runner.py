@@ -13,8 +13,8 @@ back as a :class:`subprocess.CompletedProcess`; :meth:`CliRunner.start` gives a 
 
 What a forked child cannot reproduce runs as a real process instead (the same result type):
 
-- a command that is not ``[sys.executable, "-m", <module>, ...]`` or ``[sys.executable, "-c", <code>, ...]``, or
-  a module the workers did not import;
+- a command that is not ``[sys.executable, "-m", <module>, ...]`` or ``[sys.executable, "-c", <code>, ...]`` (any
+  module: what the workers have not imported, the child imports);
 - an environment that differs from the workers' in a variable read at import time (``TRITON_INTERPRET``,
   ``FASTFLOW_KERNELS``, ``OMP_NUM_THREADS``, ...). Only the variables in :data:`RUNTIME_ENV` may differ
   (``FASTFLOW_FAULT`` is read by fastflow.io at import: the child re-executes that module, see
@@ -185,8 +185,6 @@ class CliRunner:
             return "forking is off (fork=False or FASTFLOW_TEST_FORK=0)"
         if len(cmd) < 3 or cmd[0] != sys.executable or cmd[1] not in ("-m", "-c"):
             return "not `python -m <module>` or `python -c <code>` under this interpreter"
-        if cmd[1] == "-m" and cmd[2] not in self.programs:
-            return f"-m {cmd[2]}: the workers have not imported it (only {self.programs})"
         base_path = self.env.get("PYTHONPATH", "")
         path = env.get("PYTHONPATH", "")
         if not path.endswith(base_path):
