@@ -16,9 +16,9 @@ What a forked child cannot reproduce runs as a real process instead (the same re
 - a command that is not ``[sys.executable, "-m", <module>, ...]`` or ``[sys.executable, "-c", <code>, ...]`` (any
   module: what the workers have not imported, the child imports);
 - an environment that differs from the workers' in a variable read at import time (``TRITON_INTERPRET``,
-  ``FASTFLOW_KERNELS``, ``OMP_NUM_THREADS``, ...). Only the variables in :data:`RUNTIME_ENV` may differ
+  ``FASTFLOW_KERNELS``, ``CUDA_VISIBLE_DEVICES``, ...). Only the variables in :data:`RUNTIME_ENV` may differ
   (``FASTFLOW_FAULT`` is read by fastflow.io at import: the child re-executes that module, see
-  ``cli_worker.RELOAD``), and ``PYTHONPATH`` may gain entries in front (e.g. a stand-in module) unless one holds a
+  ``cli_worker.RELOAD``; ``OMP_NUM_THREADS``: the child sets torch's thread count), and ``PYTHONPATH`` may gain entries in front (e.g. a stand-in module) unless one holds a
   module the workers have already imported.
 
 ``FASTFLOW_TEST_FORK=0`` sends every run to a real process (to compare the two, or to rule the runner out);
@@ -45,8 +45,8 @@ PROGRAMS = ["fastflow.train", "fastflow.sample", "fastflow.evaluate"]
 # Imported by the programs when they run (reading MNIST, saving a grid, plotting the loss): seconds each in every
 # child unless the workers hold them (torchvision alone pulls in torch._dynamo: 2-5 s on a shared core).
 PRELOAD = ["torchvision", "matplotlib.pyplot"]
-# Read when called, never at import: a request may set them to anything.
-RUNTIME_ENV = {"FASTFLOW_OFFLINE", "FASTFLOW_TEST_MNIST", "FASTFLOW_FAULT"}
+# Read when called, never at import, or set again by the child (cli_worker.py): a request may set them to anything.
+RUNTIME_ENV = {"FASTFLOW_OFFLINE", "FASTFLOW_TEST_MNIST", "FASTFLOW_FAULT", "OMP_NUM_THREADS"}
 
 
 class _Worker:
@@ -193,6 +193,9 @@ class CliRunner:
         differ = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)} - {"PYTHONPATH"}
         if differ - RUNTIME_ENV:
             return f"environment differs in variables read at import: {sorted(differ - RUNTIME_ENV)}"
+        threads = env.get("OMP_NUM_THREADS", "")
+        if "OMP_NUM_THREADS" in differ and not (threads.isdigit() and int(threads) > 0):
+            return "OMP_NUM_THREADS is not a thread count"
         return {"module" if cmd[1] == "-m" else "code": cmd[2], "args": list(cmd[3:]), "path_prepend": prepend}
 
     def start(self, cmd: list[str], env: dict | None = None, cwd: str | Path | None = None) -> CliProcess:

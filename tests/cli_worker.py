@@ -92,6 +92,10 @@ def _child(req: dict) -> None:
         import torch
 
         torch.seed()
+        if os.environ.get("OMP_NUM_THREADS") != old_env.get("OMP_NUM_THREADS"):
+            # torch reads it at start-up; this process has never started a thread pool, so setting the count now
+            # is what a fresh process would have done (Inductor's C++ kernels and its cache key depend on it).
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         if "numpy" in sys.modules:
             sys.modules["numpy"].random.seed()
         try:
