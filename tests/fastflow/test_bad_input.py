@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cli_runner import CliRunner
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = ["--preset", "tiny", "--subset", "128", "--max-steps", "6", "--sample-steps", "2", "--amp", "none"]
@@ -207,19 +208,29 @@ def _run(case: Case, ws: Path, mnist_root: Path, tiny_run: Path, cli) -> dict:
 @pytest.fixture(scope="module")
 def outcomes(request, tmp_path_factory, mnist_root, tiny_run, cli) -> dict[str, dict]:
     """Run the selected cases, two at a time (the CPU count of CI's machines)."""
-    wanted = list(
-        dict.fromkeys(
-            item.callspec.params["case_id"]
-            for item in request.session.items
-            if item.module is request.module and "case_id" in getattr(getattr(item, "callspec", None), "params", {})
-        )
-    )
+    params = [
+        (item.originalname, item.callspec.params["case_id"])
+        for item in request.session.items
+        if item.module is request.module and "case_id" in getattr(getattr(item, "callspec", None), "params", {})
+    ]
+    wanted = list(dict.fromkeys(cid for _, cid in params))
+    real = [cid for name, cid in params if name == "test_the_fast_runner_matches_a_real_process"]
     root = tmp_path_factory.mktemp("bad_input")
+    fresh = CliRunner(cli.env, fork=False)  # a new interpreter for each run
+    forked = cli.forked
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {cid: pool.submit(_run, BY_ID[cid], root / cid, mnist_root, tiny_run, cli) for cid in wanted}
+        futures |= {
+            f"{cid} real": pool.submit(_run, BY_ID[cid], root / "real" / cid, mnist_root, tiny_run, fresh)
+            for cid in real
+        }
         out = {cid: f.result() for cid, f in futures.items()}
+    fresh.close()
+    assert fresh.forked == 0 and fresh.spawned == len(real)
+    if cli.enabled:  # not with FASTFLOW_TEST_FORK=0
+        assert cli.forked - forked == len(wanted), "a case went to a new interpreter (CliRunner._plan says why)"
     if os.environ.get("FASTFLOW_BAD_INPUT_REPORT"):  # {id: [exit code, stderr lines]}, for writing the table
-        report = {cid: [o["rc"], _error_lines(o["stderr"])] for cid, o in out.items()}
+        report = {cid: [o["rc"], _error_lines(o["stderr"])] for cid, o in out.items() if cid in BY_ID}
         Path(os.environ["FASTFLOW_BAD_INPUT_REPORT"]).write_text(json.dumps(report, indent=1))
     return out
 
@@ -239,23 +250,16 @@ def test_bad_input(case_id, outcomes):
 
 
 # One case of each kind of set-up: a usage error, a damaged checkpoint, and an environment change (the stand-in
-# `mnist` module on PYTHONPATH, FASTFLOW_OFFLINE). Each ~2-5 s: a fresh interpreter.
+# `mnist` module on PYTHONPATH, FASTFLOW_OFFLINE). Each 2-5 s: a fresh interpreter (run by `outcomes`, in its pool).
 @pytest.mark.parametrize("case_id", ["S2", "T12", "T15"])
-def test_the_fast_runner_matches_a_real_process(case_id, tmp_path, mnist_root, tiny_run, cli, outcomes):
+def test_the_fast_runner_matches_a_real_process(case_id, outcomes):
     """The forked child gives what ``python -m`` in a fresh interpreter gives: exit code, stdout, stderr and the
     workspace's files (the workspace's path aside)."""
-    from cli_runner import CliRunner
-
-    real = CliRunner(cli.env, fork=False)
-    ws = tmp_path / case_id
-    got = _run(BY_ID[case_id], ws, mnist_root, tiny_run, real)
-    assert real.spawned == 1 and real.forked == 0
-    forked = outcomes[case_id]
-    fork_ws = str(Path(forked["ws"]))
+    forked, real = outcomes[case_id], outcomes[f"{case_id} real"]
     for key in ("rc", "before", "after"):
-        assert forked[key] == got[key], key
+        assert forked[key] == real[key], key
     for key in ("stdout", "stderr"):
-        assert forked[key].replace(fork_ws, "<ws>") == got[key].replace(str(ws), "<ws>"), key
+        assert forked[key].replace(forked["ws"], "<ws>") == real[key].replace(real["ws"], "<ws>"), key
 
 
 def _table_rows() -> dict[str, str]:
