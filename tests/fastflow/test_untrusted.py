@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -50,7 +49,7 @@ def _one_line(stderr: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def payloads(tmp_path_factory):
+def payloads(tmp_path_factory, cli):
     """The same code-running payload as a torch zip file and as a plain pickle, and the marker file it creates."""
     d = tmp_path_factory.mktemp("payloads")
     marker = d / "pwned"
@@ -64,16 +63,15 @@ def payloads(tmp_path_factory):
         f"assert {str(marker)!r} and __import__('os').path.exists({str(marker)!r}); __import__('os').unlink({str(marker)!r}); "
         "pickle.load(open(sys.argv[2], 'rb'))"
     )
-    subprocess.run(
-        [sys.executable, "-c", check, str(files["zip"]), str(files["pickle"])], check=True, capture_output=True
-    )
+    p = cli.run([sys.executable, "-c", check, str(files["zip"]), str(files["pickle"])])
+    assert p.returncode == 0, p.stderr
     assert marker.exists(), "the pickle payload should run under pickle.load"
     marker.unlink()
     return marker, files
 
 
 @pytest.mark.parametrize("kind", ["zip", "pickle"])
-def test_code_in_state_pt_does_not_run_and_is_refused(ckpt, tmp_path, kind, payloads, cli_env, mnist_root):
+def test_code_in_state_pt_does_not_run_and_is_refused(ckpt, tmp_path, kind, payloads, cli, mnist_root):
     marker, files = payloads
     shutil.copy(files[kind], ckpt / "state.pt")
     _rewrite_manifest(ckpt)
@@ -107,7 +105,7 @@ def test_code_in_state_pt_does_not_run_and_is_refused(ckpt, tmp_path, kind, payl
         "--result-dir",
         str(tmp_path / "r"),
     ]
-    p = subprocess.run([*cmd, "--resume"], env=cli_env, capture_output=True, text=True, timeout=300)
+    p = cli.run([*cmd, "--resume"], timeout=300)
     assert p.returncode == 2, p.stdout + p.stderr
     line = _one_line(p.stderr)
     assert "state.pt: refused" in line and str(ckpt) in line
@@ -161,14 +159,14 @@ def test_broken_or_foreign_files_are_refused_in_one_line(ckpt, name):
     assert str(ckpt) in msg
 
 
-def test_sample_cli_refuses_a_truncated_checkpoint_in_one_line(ckpt, tmp_path, cli_env):
+def test_sample_cli_refuses_a_truncated_checkpoint_in_one_line(ckpt, tmp_path, cli):
     data = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
     out = tmp_path / "grid.png"
-    p = subprocess.run(
+    p = cli.run(
         [sys.executable, "-m", "fastflow.sample", "--checkpoint", str(ckpt), "--out", str(out), "--device", "cpu"],
-        env=cli_env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        timeout=300,
+    )
     assert p.returncode == 2
     line = _one_line(p.stderr)
     assert f"checkpoint {ckpt}: model.safetensors does not match manifest.json" in line
