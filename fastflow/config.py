@@ -74,7 +74,8 @@ PRESETS: dict[str, tuple[dict, dict]] = {
     "cpu": (
         dict(channels=(16, 32, 64), emb_dim=64),
         dict(
-            num_epochs=2,  # --time-budget 300 instead ends on time on any CPU (issue 13: the recipe for it is next)
+            time_budget=300.0,  # ends on time on any CPU; --num-epochs N (or --time-budget 0: 2 epochs) instead
+            num_epochs=2,
             batch_size=48,
             lr=2e-3,
             warmup_steps=100,
@@ -102,6 +103,9 @@ class ModelConfig:
     num_classes: int = setting(10, "digits; index num_classes is 'no label' (classifier-free guidance)")
     groups: int = setting(8, "GroupNorm groups (capped by the channel count)", check=POSITIVE)
     in_channels: int = setting(1, "image channels (MNIST: 1)")
+    patch: int = setting(
+        1, "space-to-depth stem: the U-Net runs on (28/patch)² pixels of patch² values each (1: off)", check=POSITIVE
+    )
 
 
 @dataclass
@@ -228,13 +232,16 @@ def resolve_configs(
     preset: str, device_type: str, model: dict | None = None, train: dict | None = None
 ) -> tuple[ModelConfig, TrainConfig]:
     """Dataclass defaults < the preset < ``model`` / ``train`` overrides; ``preset`` ``auto`` picks ``original``
-    on CUDA and ``cpu`` elsewhere. The result is validated, and ``TrainConfig.preset`` names the preset used."""
+    on CUDA and ``cpu`` elsewhere. ``--num-epochs`` given without ``--time-budget`` drops the preset's time
+    budget (the epochs asked for are trained). The result is validated, and ``TrainConfig.preset`` names the preset used."""
     preset = preset or "auto"
     if preset == "auto":
         preset = "original" if device_type == "cuda" else "cpu"
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     model_over, train_over = PRESETS[preset]
+    if train and "num_epochs" in train and "time_budget" not in train:
+        train_over = {k: v for k, v in train_over.items() if k != "time_budget"}  # epochs asked for: they rule
     mcfg = ModelConfig(**{**model_over, **(model or {})})
     tcfg = TrainConfig(**{**train_over, **(train or {}), "preset": preset})
     validate(mcfg, tcfg)
@@ -263,8 +270,15 @@ def validate(mcfg: ModelConfig, tcfg: TrainConfig) -> None:
                 raise UserError(f"{_flag(f.name)} must be {check[1]}, got {value}")
     if not mcfg.channels or any(c <= 0 for c in mcfg.channels):
         raise UserError(f"--channels must be positive, got {mcfg.channels}")
-    if len(mcfg.channels) > 3:  # 28 -> 14 -> 7 pixels; a 4th level (7 -> 4 -> 8) cannot be joined back
-        raise UserError(f"--channels takes 1 to 3 levels (28, 14, 7 pixels), got {len(mcfg.channels)}")
+    if 28 % mcfg.patch:
+        raise UserError(f"--patch must divide 28 (1, 2, 4, 7, 14, 28), got {mcfg.patch}")
+    side = 28 // mcfg.patch
+    levels = [side // 2**i for i in range(len(mcfg.channels))]
+    if any(s * 2 != p for p, s in zip(levels, levels[1:])):  # 7 -> 4 -> 8 cannot be joined back to 7
+        raise UserError(
+            f"--channels: {len(mcfg.channels)} levels do not fit {side}x{side} pixels (--patch {mcfg.patch}); "
+            f"each level but the last must have an even side"
+        )
     if mcfg.num_classes != 10:
         raise UserError(f"--num-classes must be 10 (the MNIST digits), got {mcfg.num_classes}")
     if mcfg.in_channels != 1:

@@ -59,7 +59,9 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """v_θ(x, t, y) for 28×28 images: three resolutions (28, 14, 7), widths ``cfg.channels``.
+    """v_θ(x, t, y) for 28×28 images: three resolutions (28, 14, 7), widths ``cfg.channels``; with
+    ``cfg.patch`` = 2 the network first folds each 2×2 block of pixels into 4 channels (space-to-depth) and runs
+    at 14 and 7 pixels, unfolding its output at the end.
 
     Args of :meth:`forward`:
         x: (B, 1, 28, 28) state on the path.
@@ -75,7 +77,8 @@ class UNet(nn.Module):
         chans, e, g = cfg.channels, cfg.emb_dim, cfg.groups
         self.time_mlp = nn.Sequential(nn.Linear(e, e), nn.SiLU(), nn.Linear(e, e))
         self.label_emb = nn.Embedding(cfg.num_classes + 1, e)  # one-hot × matrix, +1 row for "no label"
-        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        pixels = cfg.in_channels * cfg.patch**2  # values per pixel the U-Net sees (space-to-depth stem)
+        self.conv_in = nn.Conv2d(pixels, chans[0], 3, padding=1)
 
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
@@ -99,7 +102,7 @@ class UNet(nn.Module):
             if i > 0:
                 self.upsample.append(nn.Conv2d(c, c, 3, padding=1))
         self.norm_out = _norm(c, g)
-        self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(c, pixels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -107,6 +110,8 @@ class UNet(nn.Module):
         cfg = self.cfg
         emb = self.time_mlp(time_embedding(t, cfg.emb_dim).to(x.dtype)) + self.label_emb(y)  # [B, E]
         emb = F.silu(emb)
+        if cfg.patch > 1:
+            x = F.pixel_unshuffle(x, cfg.patch)  # [B, patch², 28/patch, 28/patch]
         h = self.conv_in(x)
         hs = [h]
         blocks = iter(self.down)
@@ -126,7 +131,8 @@ class UNet(nn.Module):
             if i > 0:
                 h = F.interpolate(h, scale_factor=2.0, mode="nearest")  # nearest, as in the original
                 h = self.upsample[j](h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, cfg.patch) if cfg.patch > 1 else out
 
 
 def count_parameters(model: nn.Module) -> int:

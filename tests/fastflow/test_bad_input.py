@@ -55,7 +55,7 @@ CASES = [
     Case("T4", "train", ["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
     Case("T5", "train", ["--lr", "nan"], "--lr must be a finite number > 0"),
     Case("T6", "train", ["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
-    Case("T7", "train", ["--channels", "8,16,16,32"], "--channels takes 1 to 3 levels"),
+    Case("T7", "train", ["--channels", "8,16,16,32"], "--channels: 4 levels do not fit 28x28 pixels"),
     Case("T8", "train", ["--subset", "10"], "--batch-size 16 is larger than the 10 training images"),
     Case("T9", "train", ["--device", "cuda"], "--device cuda: CUDA is not available"),
     Case("T10", "train", ["--model-dir", "{file}/model"], "is a file, not a folder"),

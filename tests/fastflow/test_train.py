@@ -194,3 +194,16 @@ def test_time_budget_plans_the_steps_from_the_measured_rate_and_resume_keeps_the
     assert (again.planned_steps, again.total_steps) == (80, 80)
     again.fit()
     assert again.step == 80
+
+
+def test_the_cpu_preset_trains_for_a_time_budget_unless_epochs_are_asked_for():
+    from fastflow.config import resolve_configs
+
+    assert resolve_configs("cpu", "cpu")[1].time_budget == 300
+    assert resolve_configs("auto", "cpu")[1].time_budget == 300
+    assert resolve_configs("auto", "cuda")[1].time_budget == 0  # the original recipe: its 10 epochs
+    epochs = resolve_configs("cpu", "cpu", train={"num_epochs": 3})[1]
+    assert (epochs.num_epochs, epochs.time_budget) == (3, 0)
+    both = resolve_configs("cpu", "cpu", train={"num_epochs": 3, "time_budget": 60.0})[1]
+    assert both.time_budget == 60
+    assert resolve_configs("cpu", "cpu", train={"time_budget": 0.0})[1].num_epochs == 2

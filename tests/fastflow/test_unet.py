@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from fastflow.config import PRESETS, ModelConfig
+from fastflow.config import PRESETS, ModelConfig, TrainConfig, validate
+from fastflow.errors import UserError
 from fastflow.unet import UNet, count_parameters, time_embedding
 
 
@@ -49,3 +51,30 @@ def test_time_embedding_resolves_the_unit_interval():
 def test_presets_build_with_expected_sizes():
     assert count_parameters(UNet(ModelConfig(**PRESETS["cpu"][0]))) < count_parameters(UNet(ModelConfig()))
     assert UNet(ModelConfig()).label_emb.num_embeddings == 11  # 10 digits + "no label"
+
+
+def test_space_to_depth_stem_keeps_the_image_shape_and_each_pixel_its_own_output():
+    m = _model(channels=(8, 16), patch=2)
+    assert m.conv_in.in_channels == 4 and m.conv_out.out_channels == 4
+    x = torch.randn(3, 1, 28, 28, requires_grad=True)
+    out = m(x, torch.rand(3), torch.tensor([0, 5, 10]))
+    assert out.shape == (3, 1, 28, 28) and torch.isfinite(out).all()
+    # the unfold puts channel k of the 14x14 output at offset (k // 2, k % 2) of each 2x2 block: a change of the
+    # output layer's channel 3 moves only the pixels at odd rows and odd columns
+    with torch.no_grad():
+        m.conv_out.bias[3] += 1.0
+    moved = (m(x, torch.rand(3), torch.tensor([0, 5, 10])) - out).abs() > 0.5
+    assert moved[:, :, 1::2, 1::2].all() and moved.sum() == 3 * 14 * 14
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(patch=3), "--patch must divide 28"),
+        (dict(patch=2, channels=(8, 16, 32)), "3 levels do not fit 14x14"),
+        (dict(patch=4, channels=(8, 16)), "2 levels do not fit 7x7"),
+    ],
+)
+def test_levels_that_cannot_be_joined_back_are_refused(kw, message):
+    with pytest.raises(UserError, match=message):
+        validate(ModelConfig(**kw), TrainConfig())
