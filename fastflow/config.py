@@ -102,6 +102,11 @@ class ModelConfig:
     num_classes: int = setting(10, "digits; index num_classes is 'no label' (classifier-free guidance)")
     groups: int = setting(8, "GroupNorm groups (capped by the channel count)", check=POSITIVE)
     in_channels: int = setting(1, "image channels (MNIST: 1)")
+    mean_flow: bool = setting(
+        False,
+        "MeanFlow's second time input: the gap s − t through the sinusoidal features and its own MLP (last layer "
+        "zero-initialised), added to the embedding; set by --objective meanflow",
+    )
 
 
 @dataclass
