@@ -289,6 +289,16 @@ class Checkpoint:
         """The file that holds the training state (named in error messages)."""
         return self.path / "state.pt"
 
+    @property
+    def objective(self) -> str:
+        """The training objective recorded in config.json (``flow`` or ``meanflow``). Checkpoints from before
+        the setting existed, and weights saved without a training config, say it through the U-Net's inputs."""
+        train = self.config.get("train")
+        recorded = train.get("objective") if isinstance(train, dict) else None
+        if isinstance(recorded, str):
+            return recorded
+        return "meanflow" if self.model_cfg.mean_flow else "flow"
+
 
 def _parse_weights(path: Path, data: bytes) -> dict[str, torch.Tensor]:
     try:

@@ -89,6 +89,7 @@ CASES = [
     Case("S17", "sample", ["--colour", "red"], "unrecognized arguments: --colour red"),
     Case("S18", "sample", ["--guidance-interval", "0.8,0.2"], "guidance interval 0.8,0.2: need 0 <= LO < HI <= 1"),
     Case("S19", "sample", ["--batch-size", "0"], "--batch-size must be > 0, got 0"),
+    Case("S20", "sample", ["--solver", "meanflow"], "--solver meanflow needs a checkpoint trained with --objective meanflow"),
     # fastflow.evaluate
     Case("E1", "evaluate", ["--num-samples", "5"], "--num-samples must be at least 10"),
     Case("E2", "evaluate", ["--nfe", "8,0"], "--nfe must be > 0, got 0"),
@@ -100,6 +101,7 @@ CASES = [
     Case("E8", "evaluate", ["--data-root", "{empty}"], "MNIST is not in", env=OFFLINE),
     Case("E9", "evaluate", ["--samples", "10"], "unrecognized arguments: --samples"),
     Case("E10", "evaluate", ["--guidance-interval", "none", "0.2"], "'0.2' is not an interval LO,HI"),
+    Case("E11", "evaluate", ["--solvers", "euler,meanflow"], "was trained with objective flow"),
 ]  # fmt: skip
 BY_ID = {c.id: c for c in CASES}
 
