@@ -40,6 +40,7 @@ FINITE_POSITIVE = (lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
 FINITE_NONNEG = (lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
 UNIT_CLOSED = (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 UNIT_HALF_OPEN = (lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+FINITE = (lambda v: math.isfinite(v), "a finite number")
 
 
 def setting(
@@ -138,6 +139,43 @@ class TrainConfig:
     label_drop: float = setting(
         0.1, "share of labels replaced by 'no label' (index 10) for classifier-free guidance", check=UNIT_HALF_OPEN
     )
+    objective: str = setting(
+        "flow",
+        "flow: flow matching, the field v(x, t); meanflow: MeanFlow (Geng et al. 2025), the average velocity "
+        "u(x, t, s) over [t, s], sampled in a few jumps with --solver meanflow (its U-Net takes the gap s − t too)",
+        choices=("flow", "meanflow"),
+    )
+    mf_equal_share: float = setting(
+        0.75,
+        "meanflow: share of pairs with s = t (plain flow matching on u(x, t, t)); the MeanFlow paper's best was "
+        "0.75 (its Table 1a; 0.5 was close, 1 fails at one step)",
+        check=UNIT_CLOSED,
+    )
+    mf_time_mean: float = setting(
+        0.4,
+        "meanflow: t and s are two draws of sigmoid(N(mean, std²)), sorted (t ≤ s); 0.4 is the paper's -0.4 "
+        "in this project's time direction (t = 1 is data)",
+        check=FINITE,
+    )
+    mf_time_std: float = setting(1.0, "meanflow: the std of that normal (the paper's 1.0)", check=FINITE_POSITIVE)
+    mf_adaptive_p: float = setting(
+        1.0,
+        "meanflow: adaptive loss weight 1/(|Δ|² + 1e-3)^p per image, |Δ|² its mean squared error, detached; "
+        "0 = plain MSE (the paper's best: p = 1)",
+        check=FINITE_NONNEG,
+    )
+    mf_guidance: float = setting(
+        1.0,
+        "meanflow: guidance w inside training (the paper's guided target ṽ = w·(z − ε) + (1 − w)·u(x_t, t, t | no "
+        "label) for images that kept their label); sample such a model at --guidance 1 (1: off)",
+        check=FINITE,
+    )
+    init_from: str = setting(
+        "",
+        "meanflow: start a new run (new optimizer, step 0) from the checkpoint in this folder: its model config "
+        "plus the gap input, its EMA weights (its raw weights if it has none), the gap MLP at zero so step 0 is "
+        "that model's field",
+    )
     resume: bool = setting(False, "continue from the checkpoint in --model-dir", resume_free=True)
     warmup_steps: int = setting(0, "linear learning-rate warm-up steps", check=NONNEG)
     lr_schedule: str = setting(
@@ -224,7 +262,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
         if meta.get("choices"):
             kw["choices"] = meta["choices"]
         what = meta.get("help", "")
-        shown = "auto" if default is None else default
+        shown = "auto" if default is None else "none" if default == "" else default
         kw["help"] = f"{what} (default: {shown}, unless the preset sets it)" if what else f"(default: {shown})"
         parser.add_argument(_flag(f.name), **kw)
 
@@ -240,8 +278,9 @@ def resolve_configs(
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     model_over, train_over = PRESETS[preset]
-    mcfg = ModelConfig(**{**model_over, **(model or {})})
     tcfg = TrainConfig(**{**train_over, **(train or {}), "preset": preset})
+    # The objective decides the U-Net's inputs (ModelConfig.mean_flow): one setting, not two to keep in step.
+    mcfg = ModelConfig(**{**model_over, "mean_flow": tcfg.objective == "meanflow", **(model or {})})
     validate(mcfg, tcfg)
     return mcfg, tcfg
 
@@ -274,6 +313,14 @@ def validate(mcfg: ModelConfig, tcfg: TrainConfig) -> None:
         raise UserError(f"--num-classes must be 10 (the MNIST digits), got {mcfg.num_classes}")
     if mcfg.in_channels != 1:
         raise UserError(f"--in-channels must be 1 (MNIST is grayscale), got {mcfg.in_channels}")
+    meanflow = tcfg.objective == "meanflow"
+    if mcfg.mean_flow != meanflow:
+        raise UserError(
+            f"--objective {tcfg.objective} needs a U-Net {'with' if meanflow else 'without'} the mean-flow gap input "
+            f"(mean_flow={meanflow}), got mean_flow={mcfg.mean_flow}"
+        )
+    if tcfg.init_from and not meanflow:
+        raise UserError("--init-from starts a MeanFlow run from a checkpoint: it needs --objective meanflow")
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:

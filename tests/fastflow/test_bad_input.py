@@ -69,6 +69,10 @@ CASES = [
     Case("T18", "train", ["--epochs", "3"], "unrecognized arguments: --epochs"),
     Case("T19", "train", ["--resume", "--lr", "1e30", "--max-steps", "8", "--log-every", "1"], "non-finite loss at step", code=3),
     Case("T20", "train", ["--resume", "--lr", "1e30", "--max-steps", "8", "--log-every", "100"], "non-finite loss at step", code=3),
+    Case("T21", "train", ["--init-from", "{model}"], "--init-from starts a MeanFlow run from a checkpoint: it needs --objective meanflow"),
+    Case("T22", "train", ["--objective", "meanflow", "--init-from", "{empty}/missing"], "/missing: no such folder"),
+    Case("T23", "train", ["--objective", "meanflow", "--init-from", "{empty}"], "no checkpoint here"),
+    Case("T24", "train", ["--objective", "meanflow", "--init-from", "{model}", "--channels", "8,16,32"], "its model config is the run's; --channels would change it"),
     # fastflow.sample
     Case("S1", "sample", ["--digits", "10"], "--digits: '10' is outside 0-9"),
     Case("S2", "sample", ["--digits", "seven"], "--digits: 'seven' is not a digit"),
