@@ -220,7 +220,10 @@ class TrainConfig:
         check=FINITE_NONNEG,
     )
     subset: int = setting(0, "train on the first N images (0: all 60000)", check=NONNEG)
-    sample_steps: int = setting(10, "Euler steps for the epoch-end sample grids", check=POSITIVE, resume_free=True)
+    sample_steps: int = setting(
+        10, "steps for the epoch-end sample grids (Euler; meanflow jumps under --objective meanflow)", check=POSITIVE,
+        resume_free=True,
+    )  # fmt: skip
     log_every: int = setting(
         25, "steps between loss reads (the only host synchronisation)", check=POSITIVE, resume_free=True
     )

@@ -30,7 +30,7 @@ __all__ = ["build_parser", "main", "resume_command"]
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="python -m fastflow.train",
-        description="Train a conditional flow-matching U-Net on MNIST.",
+        description="Train a conditional flow-matching (or MeanFlow: --objective meanflow) U-Net on MNIST.",
     )
     add_dataclass_args(p.add_argument_group("training"), TrainConfig)
     add_dataclass_args(

@@ -225,7 +225,9 @@ class Trainer:
         ck = load_checkpoint(d)
         if ck.model_cfg != self.mcfg:
             diff = ", ".join(
-                f"{f.name} {_show(getattr(ck.model_cfg, f.name))} (flags: {_show(getattr(self.mcfg, f.name))})"
+                f"objective {ck.objective} (flags: {self.cfg.objective})"
+                if f.name == "mean_flow"  # not a flag: --objective sets it
+                else f"{f.name} {_show(getattr(ck.model_cfg, f.name))} (flags: {_show(getattr(self.mcfg, f.name))})"
                 for f in dataclasses.fields(ModelConfig)
                 if getattr(ck.model_cfg, f.name) != getattr(self.mcfg, f.name)
             )
