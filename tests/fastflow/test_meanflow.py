@@ -291,6 +291,39 @@ def test_compiled_meanflow_step_matches_eager(backend):
     assert float(loss_ref[0]) > 0.1 and bool(torch.isfinite(loss_ref).all())
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_cuda_graph_meanflow_step_matches_eager(amp):
+    """The compiled step replayed as a CUDA graph (the CUDA default), JVP included, against eager fp32; bounds as
+    test_step.py's CUDA-graph test. Not run here: no GPU was lent (bench/gpu_check.sh's stage 2 runs it)."""
+    from fastflow.device import autocast
+
+    dev = torch.device("cuda")
+    batches = [tuple(x.to(dev) for x in b) for b in _batches(3)]
+
+    def build():
+        torch.manual_seed(0)
+        model = UNet(TINY)
+        _randomise(model, 0)
+        model.to(dev)
+        return model, make_optimizer(model.parameters(), 1e-3, 0.0), EMA(model, 0.999, 10)
+
+    m_ref, opt_ref, ema_ref = build()
+    ref = TrainStep(m_ref, opt_ref, ema_ref, autocast(dev, None), meanflow=SETTINGS)
+    model, opt, ema = build()
+    step = TrainStep(model, opt, ema, autocast(dev, amp), mode="cudagraphs", meanflow=SETTINGS)
+    for (z, y, t, eps, s), lr in zip(batches, LRS):
+        loss_ref = ref(z, y, t, eps, lr, s)
+        loss = step(z, y, t, eps, lr, s)
+    assert step.mode == "cudagraphs"
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-4 if amp is None else 2e-2, atol=0)
+    max_share, mean_share = (0.02, 1e-3) if amp is None else (2.05, 0.1)
+    budget = sum(LRS)
+    for name, got, want in (("weights", model.parameters(), m_ref.parameters()), ("EMA", ema.params, ema_ref.params)):
+        d = torch.cat([(a.detach() - b.detach()).abs().flatten() for a, b in zip(got, want)])
+        assert float(d.max()) <= max_share * budget and float(d.mean()) <= mean_share * budget, (name, float(d.max()))
+
+
 def test_step_refuses_a_missing_or_extra_s():
     model, opt, ema = _parts()
     z, y, t, eps, s = _batches(1)[0]
