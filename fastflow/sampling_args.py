@@ -124,7 +124,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag(
         "--solver",
         f"solver, from {','.join(SOLVERS)}: an ODE solver, or meanflow, the jumps x + h·u(x, t, t + h) of a model "
-        "trained with --objective meanflow (1 NFE a step) (default: euler)",
+        "trained with the meanflow objective (1 NFE a step) (default: euler)",
         parse=str,
         default="euler",
         choices=SOLVERS,
