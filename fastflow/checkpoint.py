@@ -289,6 +289,16 @@ class Checkpoint:
         """The file that holds the training state (named in error messages)."""
         return self.path / "state.pt"
 
+    @property
+    def objective(self) -> str:
+        """The training objective recorded in config.json (``flow`` or ``meanflow``). Checkpoints from before
+        the setting existed, and weights saved without a training config, say it through the U-Net's inputs."""
+        train = self.config.get("train")
+        recorded = train.get("objective") if isinstance(train, dict) else None
+        if isinstance(recorded, str):
+            return recorded
+        return "meanflow" if self.model_cfg.mean_flow else "flow"
+
 
 def _parse_weights(path: Path, data: bytes) -> dict[str, torch.Tensor]:
     try:
@@ -340,9 +350,14 @@ def _check_fits(d: Path, cfg: ModelConfig, parts: dict[str, dict[str, torch.Tens
         raise UserError(f"checkpoint {d}: {name} weights do not match its config.json ({what})")
 
 
+_BOOLS = ("mean_flow",)  # the ModelConfig fields that are switches; every other one but channels is an int > 0
+
+
 def _check_model_cfg(path: Path, cfg: ModelConfig) -> None:
-    ints = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "channels"}
+    skip = ("channels", *_BOOLS)
+    ints = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in skip}
     bad = [k for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0]
+    bad += [k for k in _BOOLS if not isinstance(getattr(cfg, k), bool)]
     ch = cfg.channels
     if not ch or len(ch) > 3 or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in ch):
         bad.append("channels")

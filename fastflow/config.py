@@ -40,6 +40,7 @@ FINITE_POSITIVE = (lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
 FINITE_NONNEG = (lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
 UNIT_CLOSED = (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 UNIT_HALF_OPEN = (lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+FINITE = (lambda v: math.isfinite(v), "a finite number")
 
 
 def setting(
@@ -106,6 +107,11 @@ class ModelConfig:
     patch: int = setting(
         1, "space-to-depth stem: the U-Net runs on (28/patch)² pixels of patch² values each (1: off)", check=POSITIVE
     )
+    mean_flow: bool = setting(
+        False,
+        "MeanFlow's second time input: the gap s − t through the sinusoidal features and its own MLP (last layer "
+        "zero-initialised), added to the embedding; set by --objective meanflow",
+    )
 
 
 @dataclass
@@ -136,6 +142,43 @@ class TrainConfig:
     )
     label_drop: float = setting(
         0.1, "share of labels replaced by 'no label' (index 10) for classifier-free guidance", check=UNIT_HALF_OPEN
+    )
+    objective: str = setting(
+        "flow",
+        "flow: flow matching, the field v(x, t); meanflow: MeanFlow (Geng et al. 2025), the average velocity "
+        "u(x, t, s) over [t, s], sampled in a few jumps with --solver meanflow (its U-Net takes the gap s − t too)",
+        choices=("flow", "meanflow"),
+    )
+    mf_equal_share: float = setting(
+        0.75,
+        "meanflow: share of pairs with s = t (plain flow matching on u(x, t, t)); the MeanFlow paper's best was "
+        "0.75 (its Table 1a; 0.5 was close, 1 fails at one step)",
+        check=UNIT_CLOSED,
+    )
+    mf_time_mean: float = setting(
+        0.4,
+        "meanflow: t and s are two draws of sigmoid(N(mean, std²)), sorted (t ≤ s); 0.4 is the paper's -0.4 "
+        "in this project's time direction (t = 1 is data)",
+        check=FINITE,
+    )
+    mf_time_std: float = setting(1.0, "meanflow: the std of that normal (the paper's 1.0)", check=FINITE_POSITIVE)
+    mf_adaptive_p: float = setting(
+        1.0,
+        "meanflow: adaptive loss weight 1/(|Δ|² + 1e-3)^p per image, |Δ|² its mean squared error, detached; "
+        "0 = plain MSE (the paper's best: p = 1)",
+        check=FINITE_NONNEG,
+    )
+    mf_guidance: float = setting(
+        1.0,
+        "meanflow: guidance w inside training (the paper's guided target ṽ = w·(z − ε) + (1 − w)·u(x_t, t, t | no "
+        "label) for images that kept their label); sample such a model at --guidance 1 (1: off)",
+        check=FINITE,
+    )
+    init_from: str = setting(
+        "",
+        "meanflow: start a new run (new optimizer, step 0) from the checkpoint in this folder: its model config "
+        "plus the gap input, its EMA weights (its raw weights if it has none), the gap MLP at zero so step 0 is "
+        "that model's field",
     )
     resume: bool = setting(False, "continue from the checkpoint in --model-dir", resume_free=True)
     warmup_steps: int = setting(0, "linear learning-rate warm-up steps", check=NONNEG)
@@ -181,7 +224,10 @@ class TrainConfig:
         check=FINITE_NONNEG,
     )
     subset: int = setting(0, "train on the first N images (0: all 60000)", check=NONNEG)
-    sample_steps: int = setting(10, "Euler steps for the epoch-end sample grids", check=POSITIVE, resume_free=True)
+    sample_steps: int = setting(
+        10, "steps for the epoch-end sample grids (Euler; meanflow jumps under --objective meanflow)", check=POSITIVE,
+        resume_free=True,
+    )  # fmt: skip
     log_every: int = setting(
         25, "steps between loss reads (the only host synchronisation)", check=POSITIVE, resume_free=True
     )
@@ -223,7 +269,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
         if meta.get("choices"):
             kw["choices"] = meta["choices"]
         what = meta.get("help", "")
-        shown = "auto" if default is None else default
+        shown = "auto" if default is None else "none" if default == "" else default
         kw["help"] = f"{what} (default: {shown}, unless the preset sets it)" if what else f"(default: {shown})"
         parser.add_argument(_flag(f.name), **kw)
 
@@ -242,8 +288,9 @@ def resolve_configs(
     model_over, train_over = PRESETS[preset]
     if train and "num_epochs" in train and "time_budget" not in train:
         train_over = {k: v for k, v in train_over.items() if k != "time_budget"}  # epochs asked for: they rule
-    mcfg = ModelConfig(**{**model_over, **(model or {})})
     tcfg = TrainConfig(**{**train_over, **(train or {}), "preset": preset})
+    # The objective decides the U-Net's inputs (ModelConfig.mean_flow): one setting, not two to keep in step.
+    mcfg = ModelConfig(**{**model_over, "mean_flow": tcfg.objective == "meanflow", **(model or {})})
     validate(mcfg, tcfg)
     return mcfg, tcfg
 
@@ -283,6 +330,14 @@ def validate(mcfg: ModelConfig, tcfg: TrainConfig) -> None:
         raise UserError(f"--num-classes must be 10 (the MNIST digits), got {mcfg.num_classes}")
     if mcfg.in_channels != 1:
         raise UserError(f"--in-channels must be 1 (MNIST is grayscale), got {mcfg.in_channels}")
+    meanflow = tcfg.objective == "meanflow"
+    if mcfg.mean_flow != meanflow:
+        raise UserError(
+            f"--objective {tcfg.objective} needs a U-Net {'with' if meanflow else 'without'} the mean-flow gap input "
+            f"(mean_flow={meanflow}), got mean_flow={mcfg.mean_flow}"
+        )
+    if tcfg.init_from and not meanflow:
+        raise UserError("--init-from starts a MeanFlow run from a checkpoint: it needs --objective meanflow")
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:

@@ -11,9 +11,10 @@ noise is turned into ``--num-samples`` digits, an equal share of each, and judge
 FID depends on the sample size (its bias falls like 1/N), so every report carries the floor: the FID of N real
 training images (N/10 of each digit, like the generated set) against the same test set.
 
-A budget of B NFE gives each solver the most steps whose cost fits: a step costs 1 (Euler), 2 (midpoint, Heun) or
-4 (RK4) network evaluations, twice that at a guidance w other than 0 or 1; with a guidance interval only the stages
-whose time lies in it pay double, so the cost is counted stage by stage (:func:`~fastflow.solvers.sample_nfe`). A
+A budget of B NFE gives each solver the most steps whose cost fits: a step costs 1 (Euler, and the MeanFlow jump
+``meanflow`` of a model trained with ``--objective meanflow``), 2 (midpoint, Heun) or 4 (RK4) network
+evaluations, twice that at a guidance w other than 0 or 1; with a guidance interval only the stages whose time
+lies in it pay double, so the cost is counted stage by stage (:func:`~fastflow.solvers.sample_nfe`). A
 setting where one step costs more than B is skipped and listed under ``skipped``. The NFE reported is the count
 :class:`~fastflow.solvers.GuidedField` made, per image (eager), or the same stage plan's count (``--compile``).
 
@@ -52,7 +53,7 @@ from .device import autocast, resolve_amp, resolve_device, synchronize
 from .errors import ArgumentParser, UserError, cli
 from .fid import feature_stats, frechet_distance
 from .io import atomic_write_json, check_writable
-from .sampling_args import add_sampling_args, resolve_batch_size
+from .sampling_args import add_sampling_args, check_solvers, resolve_batch_size
 from .solvers import Interval, sample_nfe, steps_for_nfe
 
 __all__ = [
@@ -345,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     batch_size = resolve_batch_size(args.batch_size, device)
     ckpt = load_checkpoint(args.checkpoint, with_state=False)
+    check_solvers(args.solver, ckpt.objective, ckpt.path)
     use_ema = not args.no_ema and ckpt.ema_weights is not None
     model = build_model(ckpt, use_ema=use_ema).to(device).eval()
     amp = resolve_amp(args.amp, device)

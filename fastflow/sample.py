@@ -14,7 +14,7 @@ from .compile import make_sampler
 from .device import autocast, resolve_amp, resolve_device, synchronize
 from .errors import ArgumentParser, UserError, cli
 from .io import atomic_save, check_writable
-from .sampling_args import add_sampling_args, describe_guidance, resolve_batch_size, resolve_steps
+from .sampling_args import add_sampling_args, check_solvers, describe_guidance, resolve_batch_size, resolve_steps
 from .solvers import chunks
 
 __all__ = ["parse_digits", "build_parser", "main"]
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     batch_size = resolve_batch_size(args.batch_size, device)
     ckpt = load_checkpoint(args.checkpoint, with_state=False)
+    check_solvers([args.solver], ckpt.objective, ckpt.path)
     model = build_model(ckpt, use_ema=not args.no_ema).to(device).eval()
     ctx = autocast(device, resolve_amp(args.amp, device))
 

@@ -31,6 +31,7 @@ __all__ = [
     "resolve_steps",
     "resolve_batch_size",
     "describe_guidance",
+    "check_solvers",
 ]
 
 # Images integrated at a time when --batch-size is not given. CPU: the cpu preset's U-Net, fp32 eager, 10 Euler
@@ -122,7 +123,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--checkpoint", "checkpoint folder (default: model)", default="model"),
     Flag(
         "--solver",
-        f"ODE solver, from {','.join(SOLVERS)} (default: euler)",
+        f"solver, from {','.join(SOLVERS)}: an ODE solver, or meanflow, the jumps x + h·u(x, t, t + h) of a model "
+        "trained with the meanflow objective (1 NFE a step) (default: euler)",
         parse=str,
         default="euler",
         choices=SOLVERS,
@@ -263,3 +265,13 @@ def describe_guidance(guidance: float, interval: Interval | None) -> str:
     """``"guidance 2"`` or ``"guidance 2 in t ∈ [0.3, 1]"``, for messages and tables."""
     text = f"guidance {float(guidance):g}"
     return text if interval is None else f"{text} for t in [{interval[0]:g}, {interval[1]:g}]"
+
+
+def check_solvers(solvers, objective: str, path) -> None:
+    """``--solver meanflow`` needs a model trained with ``--objective meanflow`` (its U-Net takes the later time):
+    a one-line UserError naming the checkpoint's objective otherwise. The ODE solvers run on either kind."""
+    if "meanflow" in solvers and objective != "meanflow":
+        raise UserError(
+            f"--solver meanflow needs a checkpoint trained with --objective meanflow; {path} was trained with "
+            f"objective {objective} (use an ODE solver: euler, midpoint, heun, rk4)"
+        )

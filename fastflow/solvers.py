@@ -4,6 +4,11 @@ NFE (network function evaluations) is the honest cost: an Euler step costs 1, mi
 and each of those doubles under classifier-free guidance (the conditional and unconditional halves run as one
 batched call of twice the batch, which costs as much as two calls).
 
+``meanflow`` is not an ODE solver: for a model trained with ``--objective meanflow`` (its U-Net takes the later
+time s) each step jumps with the learnt average velocity, x_{k+1} = x_k + (t_{k+1} − t_k)·u(x_k, t_k, t_{k+1}):
+exact for the exact u at any step count, 1 NFE a step (2 under guidance, which combines u_cond and u_uncond as
+it combines v's). The ODE solvers run on such a model too, with its instantaneous field u(x, t, t).
+
 Guidance in a limited interval (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval improves
 sample and distribution quality"): with ``interval = (lo, hi)`` a stage whose time t lies in [lo, hi] uses the
 guided field, any other stage the plain conditional one (w = 1, one call). The choice is made per solver stage,
@@ -25,6 +30,7 @@ from .path import NO_LABEL
 
 __all__ = [
     "SOLVERS",
+    "ODE_SOLVERS",
     "GRIDS",
     "STAGES",
     "STAGE_OFFSETS",
@@ -44,10 +50,18 @@ __all__ = [
     "sample",
 ]
 
-# Where each solver evaluates the field within a step, as fractions of the step: (t + c·h for c in ...).
-STAGE_OFFSETS = {"euler": (0.0,), "midpoint": (0.0, 0.5), "heun": (0.0, 1.0), "rk4": (0.0, 0.5, 0.5, 1.0)}
+# Where each solver evaluates the field within a step, as fractions of the step: (t + c·h for c in ...). MeanFlow's
+# one evaluation is u(x, t, t + h): it starts at t.
+STAGE_OFFSETS = {
+    "euler": (0.0,),
+    "midpoint": (0.0, 0.5),
+    "heun": (0.0, 1.0),
+    "rk4": (0.0, 0.5, 0.5, 1.0),
+    "meanflow": (0.0,),
+}
 STAGES = {s: len(c) for s, c in STAGE_OFFSETS.items()}
 SOLVERS = tuple(STAGES)
+ODE_SOLVERS = tuple(s for s in SOLVERS if s != "meanflow")  # for any field v(x, t); meanflow needs u(x, t, s)
 GRIDS = ("uniform", "quadratic")
 
 Interval = tuple[float, float]
@@ -161,25 +175,33 @@ class GuidedField:
     def plan(self, grid: torch.Tensor, solver: str) -> Plan:
         return stage_plan(grid, solver, self.interval)
 
-    def both(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(v_cond, v_uncond) from one batched call; x [B, ...] fp32, t 0-d."""
+    def _net(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
         b = x.shape[0]
-        tt = t.expand(2 * b)
         with self.ctx:
-            v = self.model(torch.cat([x, x]), tt, torch.cat([self.labels, self.uncond]))
+            if s is None:  # the ODE solvers: the model's (instantaneous) field; any callable v(x, t, y)
+                return self.model(x, t.expand(b), y)
+            return self.model(x, t.expand(b), y, s.expand(b))  # MeanFlow: the average velocity over [t, s]
+
+    def both(
+        self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v_cond, v_uncond) from one batched call; x [B, ...] fp32, t (and MeanFlow's s) 0-d."""
+        b = x.shape[0]
+        v = self._net(torch.cat([x, x]), t, torch.cat([self.labels, self.uncond]), s)
         self.nfe += 2
         return v[:b], v[b:]
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, inside: bool = True) -> torch.Tensor:
-        """dx/dt at x [B, ...] fp32 and the 0-d time t; ``inside``: whether t lies in the guidance interval."""
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, inside: bool = True, s: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """dx/dt at x [B, ...] fp32 and the 0-d time t (with ``s``: MeanFlow's average velocity over [t, s]);
+        ``inside``: whether t lies in the guidance interval."""
         w = self.weight(inside)
         if w not in (0.0, 1.0):
-            vc, vu = self.both(x, t)
+            vc, vu = self.both(x, t, s)
             vu = vu.float()
             return vu + w * (vc.float() - vu)
-        y = self.labels if w == 1.0 else self.uncond
-        with self.ctx:
-            v = self.model(x, t.expand(x.shape[0]), y)
+        v = self._net(x, t, self.labels if w == 1.0 else self.uncond, s)
         self.nfe += 1
         return v.float()
 
@@ -202,6 +224,8 @@ def integrate(
     stage, whether the stage lies in its guidance interval: from ``plan`` (per step, per stage; the compiled
     sampler passes it for its one step) or else from :func:`stage_plan` of ``grid``. Forward Euler goes through
     the fused ``kernels.euler_step_`` (``guided_euler_step_`` for a stage that runs both guided halves).
+    ``meanflow`` calls ``field(x, t, s=t_next)`` (MeanFlow's average velocity over the step) and updates
+    x the same way.
     """
     if solver not in STAGES:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
@@ -217,6 +241,15 @@ def integrate(
                 kernels.guided_euler_step_(x, vc, vu, h, field.w)
             else:
                 kernels.euler_step_(x, _at(field, x, t, fl, 0), h)
+        elif solver == "meanflow":  # x + h·u(x, t, t + h): the same fused updates, with the average velocity
+            s = grid[i + 1]
+            if not guided_field:
+                kernels.euler_step_(x, field(x, t, s=s), h)
+            elif field.weight(fl[0]) not in (0.0, 1.0):
+                vc, vu = field.both(x, t, s)
+                kernels.guided_euler_step_(x, vc, vu, h, field.w)
+            else:
+                kernels.euler_step_(x, field(x, t, fl[0], s=s), h)
         elif solver == "midpoint":
             k1 = _at(field, x, t, fl, 0)
             k2 = _at(field, x + 0.5 * h * k1, t + 0.5 * h, fl, 1)

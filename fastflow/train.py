@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import shlex
 import signal
 import sys
 
 from .checkpoint import has_checkpoint, own_folder
-from .config import ModelConfig, TrainConfig, add_dataclass_args, resolve_preset
+from .config import ModelConfig, TrainConfig, add_dataclass_args, resolve_preset, validate
 from .device import resolve_device
 from .distributed import Dist, check_same, init_distributed, record_errors, shutdown
-from .errors import ArgumentParser, cli
+from .errors import ArgumentParser, UserError, cli
 from .io import check_writable
-from .trainer import Trainer
+from .trainer import Trainer, init_checkpoint
 
 __all__ = ["build_parser", "main", "resume_command"]
 
@@ -29,11 +30,13 @@ __all__ = ["build_parser", "main", "resume_command"]
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="python -m fastflow.train",
-        description="Train a conditional flow-matching U-Net on MNIST.",
+        description="Train a conditional flow-matching (or MeanFlow: --objective meanflow) U-Net on MNIST.",
     )
     add_dataclass_args(p.add_argument_group("training"), TrainConfig)
     add_dataclass_args(
-        p.add_argument_group("model (override the preset)"), ModelConfig, skip=("num_classes", "in_channels")
+        p.add_argument_group("model (override the preset)"),
+        ModelConfig,
+        skip=("num_classes", "in_channels", "mean_flow"),  # mean_flow follows --objective
     )
     return p
 
@@ -71,6 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     mcfg, cfg = resolve_preset(args, device.type)
     check_writable(cfg.model_dir, "--model-dir", kind="dir")
     check_writable(cfg.result_dir, "--result-dir", kind="dir")
+    init = init_checkpoint(cfg)  # --init-from: its model config replaces the preset's
+    if init is not None:
+        mcfg = init[1]
+        validate(mcfg, cfg)
+        flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(ModelConfig)}
+        other = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None and v != getattr(mcfg, k)]
+        if other:
+            raise UserError(
+                f"--init-from {cfg.init_from}: its model config is the run's; {', '.join(other)} would change it"
+            )
     dist = init_distributed(device)  # torchrun's process group, or one process
     device = dist.local_device(device)  # cuda:LOCAL_RANK under torchrun
     early = argparse.Namespace(stop_requested=False)  # a signal during start-up: stop after the first step
@@ -80,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         with own_folder(cfg.model_dir) if dist.is_main else contextlib.nullcontext():
             trainer = Trainer(mcfg, cfg, device, dist)
             trainer.resume_command = resume_command(argv, dist)
+            resumed = False
             if cfg.resume:
-                trainer.resume()
+                resumed = trainer.resume()
                 check_same(
                     trainer.step,
                     dist,
@@ -92,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"note: {cfg.model_dir} holds a checkpoint; this run replaces it (pass --resume to continue it instead)"
                 )
+            if init is not None and not resumed:
+                which = trainer.init_from(init[0])
+                if dist.is_main:
+                    print(f"--init-from: starting at step 0 from the {which}; new optimizer")
             _install_signal_handlers(trainer)
             trainer.stop_requested = trainer.stop_requested or early.stop_requested
             return trainer.fit()

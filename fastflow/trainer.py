@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from . import path as fm
-from .checkpoint import has_checkpoint, load_checkpoint, load_weights_into, save_checkpoint
+from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, load_weights_into, save_checkpoint
 from .config import ModelConfig, TrainConfig, resume_free
 from .data import DeviceLoader, MNISTArrays, load_mnist
 from .device import autocast, configure_backends, describe_amp, resolve_amp, synchronize
@@ -25,7 +25,7 @@ from .solvers import sample
 from .step import TrainStep, make_optimizer, place_adamw_state, resolve_mode
 from .unet import UNet, count_parameters
 
-__all__ = ["Trainer", "lr_at", "save_grid", "grid_labels", "write_loss_history"]
+__all__ = ["Trainer", "lr_at", "save_grid", "grid_labels", "write_loss_history", "init_checkpoint"]
 
 _clock = time.perf_counter  # the loop's only clock (tests replace it)
 # --time-budget: the step rate is measured over steps [PROBE[0], PROBE[1]) of the run (the first ones pay for
@@ -73,7 +73,7 @@ def write_loss_history(rows: list[list[float]], result_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([r[0] for r in rows], [r[2] for r in rows], lw=1)
     ax.set_xlabel("step")
-    ax.set_ylabel("flow-matching loss (MSE)")
+    ax.set_ylabel("loss (MSE to the target)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -83,6 +83,19 @@ def write_loss_history(rows: list[list[float]], result_dir: Path) -> None:
 
 def _show(v) -> str:
     return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def init_checkpoint(cfg: TrainConfig) -> tuple[Checkpoint, ModelConfig] | None:
+    """``--init-from DIR``: the checkpoint in DIR and the model config of the run that starts from it (DIR's,
+    with the mean-flow gap input); None without ``--init-from``. Every problem with DIR is a one-line UserError
+    naming the flag."""
+    if not cfg.init_from:
+        return None
+    try:
+        ck = load_checkpoint(cfg.init_from, with_state=False)
+    except UserError as e:
+        raise UserError(f"--init-from: {e}") from None
+    return ck, dataclasses.replace(ck.model_cfg, mean_flow=True)
 
 
 class Trainer:
@@ -123,6 +136,9 @@ class Trainer:
         self.opt = make_optimizer(self.model.parameters(), cfg.lr, cfg.weight_decay)
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
         self.mode = resolve_mode(cfg.compile, cfg.cuda_graphs, device)
+        meanflow = None
+        if cfg.objective == "meanflow":
+            meanflow = fm.MeanFlowSettings(guidance=cfg.mf_guidance, adaptive_p=cfg.mf_adaptive_p)
         # An explicit --compile that fails is an error; the CUDA default falls back to eager with one line.
         self.train_fn = TrainStep(
             self.model,
@@ -132,6 +148,7 @@ class Trainer:
             mode=self.mode,
             process_group=dist.group,
             fallback=cfg.compile is None,
+            meanflow=meanflow,
         )
         # All training randomness (t, ε, dropped labels) comes from this one generator: its state is saved.
         # Same seed on every rank: each draws the whole global batch's noise and keeps its rows (train_step).
@@ -182,6 +199,22 @@ class Trainer:
         if st.get("planned_steps") is not None and self.cfg.time_budget:
             self._set_plan(int(st["planned_steps"]))
 
+    def init_from(self, ck: Checkpoint) -> str:
+        """Start from ``ck``'s weights (``--init-from``): its EMA weights where it has them, else its raw ones,
+        into the model and the EMA; the optimizer, the step and the EMA schedule stay new. A flow-matching
+        checkpoint lacks only the gap MLP, which keeps its initialisation (last layer zero: the model starts as
+        ``ck``'s field for every s). Returns which weights were used, for the start line."""
+        which = "EMA" if ck.ema_weights is not None else "raw"
+        weights = ck.ema_weights if ck.ema_weights is not None else ck.weights
+        if not ck.model_cfg.mean_flow:  # the gap MLP keeps its initialisation
+            own = self.model.state_dict()
+            weights = {**{k: v for k, v in own.items() if k.startswith("gap_mlp.")}, **weights}
+        load_weights_into(self.model, weights, ck.path, f"{which} weights")
+        broadcast_module(self.model, self.dist)  # every rank read the same file; this keeps them equal regardless
+        if self.ema is not None:
+            self.ema.shadow.load_state_dict(self.model.state_dict())
+        return f"{which} weights of {ck.path} (step {ck.step}, objective {ck.objective})"
+
     def resume(self) -> bool:
         """Load ``model_dir`` if it holds a checkpoint; refuse one trained with another model config."""
         d = self.model_dir
@@ -192,7 +225,9 @@ class Trainer:
         ck = load_checkpoint(d)
         if ck.model_cfg != self.mcfg:
             diff = ", ".join(
-                f"{f.name} {_show(getattr(ck.model_cfg, f.name))} (flags: {_show(getattr(self.mcfg, f.name))})"
+                f"objective {ck.objective} (flags: {self.cfg.objective})"
+                if f.name == "mean_flow"  # not a flag: --objective sets it
+                else f"{f.name} {_show(getattr(ck.model_cfg, f.name))} (flags: {_show(getattr(self.mcfg, f.name))})"
                 for f in dataclasses.fields(ModelConfig)
                 if getattr(ck.model_cfg, f.name) != getattr(self.mcfg, f.name)
             )
@@ -234,11 +269,17 @@ class Trainer:
         # Under DDP every rank draws t, ε and the label mask for the whole global batch (n rows, same generator
         # state on all ranks) and keeps its own rows [lo, lo + b): N ranks then train as one process at the same
         # global batch, up to fp32 summation order. One process: n = b, lo = 0, the draws are unchanged.
+        cfg = self.cfg
         n, lo = b * self.dist.world_size, b * self.dist.rank
-        t = fm.sample_time(n, self.cfg.time_sampling, self.gen, self.device)[lo : lo + b]  # [B]
+        s = None
+        if cfg.objective == "meanflow":  # (t, s) with t ≤ s, s = t in a share mf_equal_share
+            t, s = fm.sample_time_pair(n, cfg.mf_time_mean, cfg.mf_time_std, cfg.mf_equal_share, self.gen, self.device)
+            t, s = t[lo : lo + b], s[lo : lo + b]  # [B] each
+        else:
+            t = fm.sample_time(n, cfg.time_sampling, self.gen, self.device)[lo : lo + b]  # [B]
         eps = torch.randn((n, *z.shape[1:]), generator=self.gen, device=self.device)[lo : lo + b]  # [B, 1, 28, 28]
-        y = fm.drop_labels(y.repeat(self.dist.world_size), self.cfg.label_drop, self.gen)[lo : lo + b]  # mask of n
-        loss = self.train_fn(z, y, t, eps, self.lr)
+        y = fm.drop_labels(y.repeat(self.dist.world_size), cfg.label_drop, self.gen)[lo : lo + b]  # mask of n
+        loss = self.train_fn(z, y, t, eps, self.lr, s)
         self.step += 1
         return loss
 
@@ -291,7 +332,10 @@ class Trainer:
         net = self.ema.shadow if self.ema is not None else self.model
         net.eval()
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        images, _ = sample(net, grid_labels(self.device), self.cfg.sample_steps, generator=g, ctx=self.ctx)
+        solver = "meanflow" if self.cfg.objective == "meanflow" else "euler"
+        images, _ = sample(
+            net, grid_labels(self.device), self.cfg.sample_steps, solver=solver, generator=g, ctx=self.ctx
+        )
         self.model.train()
         return save_grid(images, self.result_dir / name)
 
@@ -346,7 +390,7 @@ class Trainer:
             steps = f"{cfg.time_budget:g} s" if self.total_steps == UNPLANNED else f"{self.total_steps} steps"
             print(
                 f"fastflow: preset {cfg.preset}, device {self.device}, amp {describe_amp(cfg.amp, self.amp_dtype, self.device)}, "
-                f"step {self.mode}, "
+                f"step {self.mode}, objective {cfg.objective}, "
                 f"{count_parameters(self.model):,} parameters, {steps} of batch {cfg.batch_size}"
             )
         if self.step >= self.total_steps:  # resumed a finished run: write nothing, touch nothing

@@ -69,6 +69,11 @@ CASES = [
     Case("T18", "train", ["--epochs", "3"], "unrecognized arguments: --epochs"),
     Case("T19", "train", ["--resume", "--lr", "1e30", "--max-steps", "8", "--log-every", "1"], "non-finite loss at step", code=3),
     Case("T20", "train", ["--resume", "--lr", "1e30", "--max-steps", "8", "--log-every", "100"], "non-finite loss at step", code=3),
+    Case("T21", "train", ["--init-from", "{model}"], "--init-from starts a MeanFlow run from a checkpoint: it needs --objective meanflow"),
+    Case("T22", "train", ["--objective", "meanflow", "--init-from", "{empty}/missing"], "/missing: no such folder"),
+    Case("T23", "train", ["--objective", "meanflow", "--init-from", "{empty}"], "no checkpoint here"),
+    Case("T24", "train", ["--objective", "meanflow", "--init-from", "{model}", "--channels", "8,16,32"], "its model config is the run's; --channels would change it"),
+    Case("T25", "train", ["--resume", "--objective", "meanflow"], "holds another model: objective flow (flags: meanflow)"),
     # fastflow.sample
     Case("S1", "sample", ["--digits", "10"], "--digits: '10' is outside 0-9"),
     Case("S2", "sample", ["--digits", "seven"], "--digits: 'seven' is not a digit"),
@@ -89,6 +94,7 @@ CASES = [
     Case("S17", "sample", ["--colour", "red"], "unrecognized arguments: --colour red"),
     Case("S18", "sample", ["--guidance-interval", "0.8,0.2"], "guidance interval 0.8,0.2: need 0 <= LO < HI <= 1"),
     Case("S19", "sample", ["--batch-size", "0"], "--batch-size must be > 0, got 0"),
+    Case("S20", "sample", ["--solver", "meanflow"], "--solver meanflow needs a checkpoint trained with --objective meanflow"),
     # fastflow.evaluate
     Case("E1", "evaluate", ["--num-samples", "5"], "--num-samples must be at least 10"),
     Case("E2", "evaluate", ["--nfe", "8,0"], "--nfe must be > 0, got 0"),
@@ -100,6 +106,7 @@ CASES = [
     Case("E8", "evaluate", ["--data-root", "{empty}"], "MNIST is not in", env=OFFLINE),
     Case("E9", "evaluate", ["--samples", "10"], "unrecognized arguments: --samples"),
     Case("E10", "evaluate", ["--guidance-interval", "none", "0.2"], "'0.2' is not an interval LO,HI"),
+    Case("E11", "evaluate", ["--solvers", "euler,meanflow"], "was trained with objective flow"),
 ]  # fmt: skip
 BY_ID = {c.id: c for c in CASES}
 

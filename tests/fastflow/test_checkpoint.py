@@ -156,7 +156,8 @@ def test_config_that_does_not_fit_the_weights(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "model", [{"channels": "abc"}, {"channels": [4, 8, 8, 8]}, {"emb_dim": -1}, {"bogus": 1}, [1, 2]]
+    "model",
+    [{"channels": "abc"}, {"channels": [4, 8, 8, 8]}, {"emb_dim": -1}, {"bogus": 1}, [1, 2], {"mean_flow": 1}],
 )
 def test_invalid_model_config_is_one_line(tmp_path, model):
     _save(tmp_path, 1)
@@ -167,6 +168,31 @@ def test_invalid_model_config_is_one_line(tmp_path, model):
     with pytest.raises(UserError, match="config.json") as e:
         load_checkpoint(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_a_checkpoint_from_before_meanflow_loads_as_flow_matching(tmp_path):
+    """config.json without ``mean_flow`` (model) and ``objective`` (train), as every checkpoint written before
+    MeanFlow: a flow-matching U-Net, objective ``flow``. The objective is recorded from then on."""
+    from fastflow.config import TrainConfig
+
+    save_checkpoint(tmp_path, _model(1), CFG, TrainConfig(objective="meanflow"), None, None, 1)
+    assert load_checkpoint(tmp_path).objective == "meanflow"  # as recorded (a flow U-Net, but what was asked)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model"].pop("mean_flow") is False and cfg["train"].pop("objective") == "meanflow"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _rewrite_manifest(tmp_path)
+    c = load_checkpoint(tmp_path)
+    assert c.model_cfg == CFG and not c.model_cfg.mean_flow and c.objective == "flow"
+    assert all(torch.equal(build_model(c).state_dict()[k], v) for k, v in _model(1).state_dict().items())
+    mf = UNet(ModelConfig(channels=(4, 8), emb_dim=8, groups=2, mean_flow=True))
+    save_checkpoint(tmp_path, mf, mf.cfg, None, None, None, 2)  # weights only: the U-Net says which
+    assert load_checkpoint(tmp_path).objective == "meanflow"
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model"]["mean_flow"] = False  # the gap MLP's weights without the flag: refused like any other mismatch
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _rewrite_manifest(tmp_path)
+    with pytest.raises(UserError, match=r"weights do not match its config.json \(.*unexpected \(e.g. gap_mlp"):
+        load_checkpoint(tmp_path)
 
 
 def test_nothing_is_touched_when_serialising_fails(tmp_path):

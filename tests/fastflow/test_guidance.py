@@ -10,7 +10,7 @@ import torch
 import kernels
 from fastflow.config import ModelConfig
 from fastflow.path import NO_LABEL, drop_labels
-from fastflow.solvers import SOLVERS, STAGES, GuidedField, integrate, time_grid
+from fastflow.solvers import ODE_SOLVERS, STAGES, GuidedField, integrate, time_grid
 from fastflow.unet import UNet
 
 
@@ -107,7 +107,7 @@ def test_guided_euler_uses_the_fused_op(monkeypatch):
     assert len(seen) == 3
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", ODE_SOLVERS)
 def test_guidance_with_every_solver(solver):
     """Guided sampling under any solver integrates the guided field v_u + w(v_c − v_u)."""
     model, x0, labels, _ = _setup()
@@ -154,7 +154,7 @@ def test_label_dropout_is_per_sample():
         assert 0.05 < float(dropped[y == d].float().mean()) < 0.15
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", ODE_SOLVERS)
 @pytest.mark.parametrize("w", [1.0, 2.0])
 def test_bf16_network_output_keeps_an_fp32_state(solver, w):
     """A network that answers in bf16 (autocast) still drives an fp32 state, fused guided Euler included,
@@ -175,7 +175,7 @@ def test_bf16_network_output_keeps_an_fp32_state(solver, w):
 LO, HI = 0.3, 0.7
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", ODE_SOLVERS)
 @pytest.mark.parametrize("w", [0.0, 3.0])
 def test_interval_guides_exactly_the_stages_inside(solver, w):
     """Guided (w) where the stage time lies in [LO, HI], the plain conditional field elsewhere, per stage."""
@@ -198,7 +198,7 @@ def test_interval_guides_exactly_the_stages_inside(solver, w):
     assert f.nfe == sum((2 if w not in (0.0, 1.0) else 1) if i else 1 for i in inside)
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", ODE_SOLVERS)
 def test_interval_0_1_is_full_guidance_and_an_empty_one_is_none(solver):
     model, x0, labels, _ = _setup()
     grid = time_grid(4)  # t = 0, .25, .5, .75, 1; stages also at .125, .375, ...

@@ -11,7 +11,7 @@ import torch
 from fastflow.config import PRESETS, ModelConfig
 from fastflow.solvers import (
     GRIDS,
-    SOLVERS,
+    ODE_SOLVERS,
     STAGES,
     GuidedField,
     chunks,
@@ -50,7 +50,7 @@ def _rel_error(f, exact, n: int, solver: str, grid: str) -> float:
 
 @pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("problem", list(PROBLEMS))
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", ODE_SOLVERS)
 def test_order_of_accuracy(solver, problem, grid):
     f, exact = PROBLEMS[problem]
     n = PAIR[solver][0]
@@ -94,7 +94,7 @@ class CountingModel(torch.nn.Module):
 
 
 @pytest.mark.parametrize("guidance", [0.0, 1.0, 2.5])
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", ODE_SOLVERS)
 def test_nfe_is_counted_not_assumed(solver, guidance):
     model, b, steps = CountingModel(), 6, 3
     labels = torch.arange(b) % 10
@@ -138,7 +138,7 @@ def marginal_field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("grid", GRIDS)
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", ODE_SOLVERS)
 def test_exact_marginal_field_lands_on_the_data(solver, grid):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 4, generator=g)
@@ -196,7 +196,7 @@ def test_chunks_cover_the_request_in_near_equal_parts():
         chunks(10, 0)
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", ODE_SOLVERS)
 @pytest.mark.parametrize("guidance,interval", [(1.0, None), (2.5, None), (2.5, (0.3, 0.7))])
 def test_chunked_sampling_is_one_batch_exactly(solver, guidance, interval):
     """The whole noise is drawn first and each image's arithmetic does not depend on its neighbours here (an
@@ -255,7 +255,7 @@ def _by_hand_nfe(steps: int, solver: str, w: float, grid: str, interval) -> int:
     return total
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", ODE_SOLVERS)
 def test_interval_nfe_is_counted_exactly(solver):
     model, b, steps, w = CountingModel(), 6, 5, 2.0
     labels = torch.arange(b) % 10
@@ -273,7 +273,7 @@ def test_interval_nfe_is_counted_exactly(solver):
         assert any(len(set(step)) == 2 for step in plan), "the grid should have a step that straddles a bound"
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", ODE_SOLVERS)
 def test_interval_nfe_is_counted_on_a_uniform_grid_too(solver):
     model, b, steps, iv = CountingModel(), 3, 7, (0.25, 0.55)  # no stage time on a bound
     _, nfe = sample(model, torch.arange(b), steps, solver=solver, guidance=3.0, interval=iv, shape=(1, 2, 2))
@@ -287,7 +287,7 @@ def test_interval_bound_on_a_grid_time_is_inside():
     assert [s[0] for s in plan] == [False, False, False, True, True, True, True, True, False, False]
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", ODE_SOLVERS)
 @pytest.mark.parametrize("grid", GRIDS)
 def test_steps_for_nfe_with_an_interval_is_the_most_that_fit(solver, grid):
     for budget in range(1, 40):

@@ -1,4 +1,4 @@
-"""The U-Net: shapes, and that its output really depends on t and on the label."""
+"""The U-Net: shapes, that its output really depends on t and on the label, and MeanFlow's second time input."""
 
 from __future__ import annotations
 
@@ -78,3 +78,56 @@ def test_space_to_depth_stem_keeps_the_image_shape_and_each_pixel_its_own_output
 def test_levels_that_cannot_be_joined_back_are_refused(kw, message):
     with pytest.raises(UserError, match=message):
         validate(ModelConfig(**kw), TrainConfig())
+
+
+# -- MeanFlow's second time input ---------------------------------------------------------------------------
+
+
+def _flow_and_mean_flow() -> tuple[UNet, UNet]:
+    """A flow-matching U-Net with every weight non-zero, and a mean-flow U-Net holding its weights (the gap MLP as
+    initialised), as ``--init-from`` builds it."""
+    flow = _model()
+    torch.manual_seed(1)
+    mf = UNet(ModelConfig(**{**PRESETS["tiny"][0], "mean_flow": True})).eval()
+    missing, unexpected = mf.load_state_dict(flow.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(k.startswith("gap_mlp.") for k in missing), missing
+    return flow, mf
+
+
+def test_mean_flow_unet_from_flow_weights_is_the_flow_field_for_every_s():
+    flow, mf = _flow_and_mean_flow()
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([1, 5, 9, 10])
+    t = torch.tensor([0.0, 0.3, 0.5, 0.9])
+    want = flow(x, t, y).detach()
+    assert float(want.abs().max()) > 1e-3  # not a trivially zero field
+    assert torch.equal(mf(x, t, y), want)  # s = None: s = t
+    for s in (t, t + 0.05, torch.ones(4), torch.tensor([1.0, 0.4, 0.6, 0.95])):
+        assert torch.equal(mf(x, t, y, s), want), f"s = {s.tolist()}"
+
+
+def test_the_gap_input_is_wired_and_s_none_means_s_equals_t():
+    _, mf = _flow_and_mean_flow()
+    with torch.no_grad():
+        mf.gap_mlp[2].weight.normal_(0, 0.3)  # as after training: the gap now matters
+    x, y, t = torch.randn(3, 1, 28, 28), torch.tensor([2, 3, 4]), torch.full((3,), 0.2)
+    at_t = mf(x, t, y, t)
+    assert torch.equal(mf(x, t, y), at_t)
+    assert (mf(x, t, y, t + 0.5) - at_t).abs().max() > 1e-3
+    assert (mf(x, t, y, t + 0.001) - at_t).abs().max() > 1e-6  # a gap of 1e-3 is resolved
+
+
+def test_a_flow_unet_refuses_a_second_time():
+    with pytest.raises(ValueError, match="no second time input"):
+        _model()(torch.randn(2, 1, 28, 28), torch.rand(2), torch.tensor([0, 1]), torch.ones(2))
+
+
+def test_plain_group_norm_matches_the_fused_one():
+    _, mf = _flow_and_mean_flow()
+    x, y, t, s = torch.randn(3, 1, 28, 28), torch.tensor([2, 3, 10]), torch.rand(3), torch.ones(3)
+    with torch.no_grad():
+        mf.gap_mlp[2].weight.normal_(0, 0.3)
+        for m in mf.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.normal_(1, 0.2), m.bias.normal_(0, 0.2)
+    want = mf(x, t, y, s)
+    torch.testing.assert_close(mf(x, t, y, s, plain_norm=True), want, rtol=1e-5, atol=1e-5)
