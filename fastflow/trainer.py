@@ -360,9 +360,13 @@ class Trainer:
         self.planned_steps = steps
         self.total_steps = min(steps, self.cfg.max_steps) if self.cfg.max_steps else steps
 
-    def _plan(self, t_start: float, t_probe: float, probed: int) -> None:
+    def _plan(self, t_start: float, t_probe: float, probed: int, announce: bool = True) -> None:
         """Fix the step count so that training ends about ``time_budget`` seconds after ``t_start``, from the rate
-        of the last ``probed`` steps, timed since ``t_probe``. Rank 0 decides; every rank follows."""
+        of the last ``probed`` steps, timed since ``t_probe``. Rank 0 decides; every rank follows.
+
+        Called once after the probe steps (``announce``: the plan is printed), then again at every log step
+        with the last window's rate, so that a machine that slows down (or speeds up) mid-run still ends on
+        time; the cosine schedule follows the new count."""
         synchronize(self.device)
         now = _clock()
         rate = probed / max(now - t_probe, 1e-9)  # steps per second
@@ -376,7 +380,7 @@ class Trainer:
         if self._bar is not None:
             self._bar.total = self.total_steps
             self._bar.refresh()
-        if self.dist.is_main:
+        if self.dist.is_main and announce:
             ips = rate * self.cfg.batch_size
             tqdm.write(
                 f"time budget {self.cfg.time_budget:g} s: {self.total_steps} steps of batch {self.cfg.batch_size} "
@@ -409,6 +413,7 @@ class Trainer:
         timed, t_window = 0, _clock()
         t_start, t_probe = t_window, None
         planning = bool(self.cfg.time_budget) and self.planned_steps is None
+        replanning = False  # from the first plan on; a resumed run keeps its saved plan
         probe = (self.step + PROBE[0], self.step + PROBE[1])  # steps, counted from this run's start
         batches, stopped = None, False
         while not stopped and self.step < self.total_steps:
@@ -426,6 +431,8 @@ class Trainer:
                 if len(bad):
                     self._diverged(self.step - len(self.window) + int(bad[0]) + 1)
                 ips = timed * cfg.batch_size / (_clock() - t_window)
+                if replanning:  # the budget's plan, again from this window's rate
+                    self._plan(t_start, t_window, timed, announce=False)
                 mean = float(losses.mean())
                 self.history.append([self.step, self.epoch + 1, mean, lr_at(self.step - 1, cfg, self.total_steps), ips])
                 bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{ips:.0f}", epoch=self.epoch + 1)
@@ -435,7 +442,7 @@ class Trainer:
                 t_probe = _clock()
             elif planning and self.step == probe[1]:
                 self._plan(t_start, t_probe, probe[1] - probe[0])
-                planning = False
+                planning, replanning = False, True
             epoch_end = self.batch_in_epoch == len(self.loader)
             if epoch_end:  # saved as (next epoch, batch 0)
                 self.epoch, self.batch_in_epoch, batches = self.epoch + 1, 0, None

@@ -196,6 +196,25 @@ def test_time_budget_plans_the_steps_from_the_measured_rate_and_resume_keeps_the
     assert again.step == 80
 
 
+def test_time_budget_replans_when_the_machine_slows_down_and_ends_on_time(mnist_root, tmp_path, monkeypatch):
+    """0.5 s per step up to step 25 (the plan: 80 steps of a 40 s budget), then 1 s per step. At step 40 the clock
+    reads 27.5 s and the last window ran 1 step/s: 12 more steps, 52 in all, ending at 39.5 s, within the budget
+    (the first plan alone would have ended at 67.5 s)."""
+    import fastflow.trainer as tr
+
+    mcfg = ModelConfig(**PRESETS["tiny"][0])
+    cfg = TrainConfig(
+        **{**PRESETS["tiny"][1], "log_every": 10, "time_budget": 40.0}, preset="tiny", lr_schedule="cosine",
+        sample_steps=1, subset=1024, amp="none", ema_decay=0.0, data_root=str(mnist_root),
+        model_dir=str(tmp_path / "model"), result_dir=str(tmp_path / "result"),
+    )  # fmt: skip
+    trainer = Trainer(mcfg, cfg, torch.device("cpu"))
+    monkeypatch.setattr(tr, "_clock", lambda: 0.5 * min(trainer.step, 25) + max(trainer.step - 25, 0))
+    trainer.fit()
+    assert (trainer.planned_steps, trainer.step) == (52, 52)
+    assert tr._clock() <= cfg.time_budget
+
+
 def test_the_cpu_preset_trains_for_a_time_budget_unless_epochs_are_asked_for():
     from fastflow.config import resolve_configs
 
