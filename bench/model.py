@@ -495,6 +495,7 @@ def run_row(spec: dict) -> list[dict]:
         "preset": info["preset"],
         "channels": list(info["model"].channels),
         "emb_dim": info["model"].emb_dim,
+        "patch": info["model"].patch,
         "device": dev.type,
         "device_name": device_name(dev),
         "isa": _isa(),
@@ -523,7 +524,7 @@ def run_row(spec: dict) -> list[dict]:
 COLUMNS = [
     "suite", "mode", "batch", "nfe", "images_per_s", "images_per_s_q20", "images_per_s_q80", "ms_per_step",
     "compile_s", "first_call_s", "fx_cache_hits", "images_per_cpu_s", "recompiles_timed", "peak_rss_mb", "torch_peak_mb",
-    "nvml_used_mb", "loadavg_1m", "status", "preset", "channels", "emb_dim", "device", "device_name", "threads",
+    "nvml_used_mb", "loadavg_1m", "status", "preset", "channels", "emb_dim", "patch", "device", "device_name", "threads",
     "torch", "triton", "data", "loader", "timing", "isa", "start_allocated_mb",
 ]  # fmt: skip
 
@@ -715,6 +716,7 @@ def build_parser(suite: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--channels", type=parse_int_list, default=None, help="override the preset's U-Net widths")
     p.add_argument("--emb-dim", type=int, default=None, help="override the preset's embedding width")
+    p.add_argument("--patch", type=int, default=None, help="override the preset's space-to-depth stem (1: off)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument(
         "--iters", type=int, default=10 if train else 3, help="timed iterations per row (CUDA: per timing window)"
@@ -797,7 +799,11 @@ def main(argv: list[str] | None = None) -> int:
         ).stdout.strip()
     except OSError:  # pragma: no cover - git missing
         pass
-    model_over = {k: v for k, v in (("channels", args.channels), ("emb_dim", args.emb_dim)) if v is not None}
+    model_over = {
+        k: v
+        for k, v in (("channels", args.channels), ("emb_dim", args.emb_dim), ("patch", args.patch))
+        if v is not None
+    }
     rows: list[dict] = []
     slug = (
         "cpu"
