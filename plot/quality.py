@@ -21,9 +21,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-SOLVER_ORDER = ("euler", "midpoint", "heun", "rk4")
-COLORS = {"euler": "tab:blue", "midpoint": "tab:orange", "heun": "tab:green", "rk4": "tab:red"}
+SOLVER_ORDER = ("euler", "midpoint", "heun", "rk4", "meanflow")
+COLORS = {
+    "euler": "tab:blue",
+    "midpoint": "tab:orange",
+    "heun": "tab:green",
+    "rk4": "tab:red",
+    "meanflow": "tab:purple",
+}
 STYLES = {"uniform": "-", "quadratic": "--"}
+MARKERS = ("o", "s", "^", "v", "D", "P", "X")  # one per guidance interval (plain guidance: o)
+
+
+def _interval(r: dict) -> tuple | None:
+    """A row's guidance interval as (lo, hi), None when it guides at every stage (or has no such field)."""
+    iv = r.get("guidance_interval")
+    return tuple(iv) if iv else None
 
 
 def draw(report: dict, out: Path) -> Path:
@@ -34,6 +47,7 @@ def draw(report: dict, out: Path) -> Path:
     ws = sorted({r["guidance"] for r in rows})
     solvers = sorted({r["solver"] for r in rows}, key=lambda s: (SOLVER_ORDER.index(s) if s in SOLVER_ORDER else 99, s))
     grids = sorted({r["grid"] for r in rows}, key=lambda g: (g != "uniform", g))
+    intervals = sorted({_interval(r) for r in rows}, key=lambda iv: (iv is not None, iv or ()))
     fig, axes = plt.subplots(
         2, len(ws), figsize=(3.4 * len(ws) + 0.6, 6.2), dpi=110, sharex=True, sharey="row", squeeze=False
     )
@@ -41,18 +55,22 @@ def draw(report: dict, out: Path) -> Path:
         top, bottom = axes[0, j], axes[1, j]
         for solver in solvers:
             for grid in grids:
-                pts = sorted(
-                    (r["nfe"], r["accuracy"], r["fid"])
-                    for r in rows
-                    if r["guidance"] == w and r["solver"] == solver and r["grid"] == grid
-                )
-                if not pts:
-                    continue
-                nfe, acc, fid = zip(*pts)
-                kw = dict(color=COLORS.get(solver), ls=STYLES.get(grid, ":"), marker="o", ms=3, lw=1.3)
-                label = solver if len(grids) == 1 else f"{solver}, {grid}"
-                top.plot(nfe, [100 * a for a in acc], label=label, **kw)
-                bottom.plot(nfe, fid, **kw)
+                for k, iv in enumerate(intervals):  # each guidance interval its own line, never joined to others
+                    pts = sorted(
+                        (r["nfe"], r["accuracy"], r["fid"])
+                        for r in rows
+                        if r["guidance"] == w and r["solver"] == solver and r["grid"] == grid and _interval(r) == iv
+                    )
+                    if not pts:
+                        continue
+                    nfe, acc, fid = zip(*pts)
+                    marker = MARKERS[k % len(MARKERS)]
+                    kw = dict(color=COLORS.get(solver), ls=STYLES.get(grid, ":"), marker=marker, ms=3, lw=1.3)
+                    label = solver if len(grids) == 1 else f"{solver}, {grid}"
+                    if iv is not None:
+                        label += f", guided in [{iv[0]:g}, {iv[1]:g}]"
+                    top.plot(nfe, [100 * a for a in acc], label=label, **kw)
+                    bottom.plot(nfe, fid, **kw)
         top.axhline(99, color="gray", lw=0.8, ls=":")
         top.axhline(95, color="gray", lw=0.8, ls=":")
         bottom.axhline(floor, color="black", lw=1.0, ls="--", label=f"floor {floor:.2f}")

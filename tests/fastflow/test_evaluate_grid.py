@@ -258,3 +258,27 @@ def test_grid_end_to_end(tiny, capsys, monkeypatch):
     # one setting: its fields also sit at the top level, as single runs always reported them
     assert single["accuracy"] == same["accuracy"] and single["fid"] == pytest.approx(same["fid"], rel=1e-9)
     assert single["nfe"] == 4 and len(single["results"]) == 1
+
+
+def test_quality_plot_draws_each_guidance_interval_and_meanflow_as_its_own_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    import matplotlib.pyplot as plt
+
+    spec = importlib.util.spec_from_file_location("plot_quality", PLOT)
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)  # keep the figure to look at its lines
+
+    def row(solver, nfe, iv=None, w=2.0):
+        return dict(solver=solver, grid="uniform", guidance=w, guidance_interval=iv, nfe=nfe, accuracy=0.9, fid=9.0)
+
+    rows = [row("euler", 4), row("euler", 8), row("euler", 5, [0.2, 0.7]), row("euler", 10, [0.2, 0.7])]
+    rows += [row("meanflow", 1, w=2.0), row("meanflow", 2, w=2.0)]
+    report = dict(results=rows, floor=dict(fid=6.0), weights="ema", num_samples=10)
+    quality.draw(report, tmp_path / "q.png")
+    labels = sorted(line.get_label() for line in figs[0].axes[0].get_lines() if not line.get_label().startswith("_"))
+    assert labels == ["euler", "euler, guided in [0.2, 0.7]", "meanflow"]
+    xs = {line.get_label(): list(line.get_xdata()) for line in figs[0].axes[0].get_lines()}
+    assert xs["euler"] == [4, 8] and xs["euler, guided in [0.2, 0.7]"] == [5, 10]
