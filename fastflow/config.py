@@ -72,7 +72,7 @@ PRESETS: dict[str, tuple[dict, dict]] = {
     # Sized for a 2-core laptop CPU: 300 s of training on any of them (README, "CPU recipe"). The space-to-depth
     # stem (patch 2, widths 32/64 at 14 and 7 pixels) trains 1.6-2.4x the images per second of the 16/32/64 U-Net at
     # 28 pixels (interleaved runs, AVX2 fp32 and AVX-512 bf16) for 1-2 points less per image: on an AVX2 CPU, 300 s
-    # each, back to back, 88.8% (16/32/64) against the patch-2 figure in the README. Batch 48 with uniform t was
+    # each, back to back, 88.8% (16/32/64) against 94.1% (patch 2). Batch 48 with uniform t was
     # measured best for the 16/32/64 U-Net (95.6-96.2% against 93.9-95.4% at batch 64 or logit-normal t).
     "cpu": (
         dict(channels=(32, 64), emb_dim=64, patch=2),
