@@ -67,6 +67,25 @@ def tiny_run(tmp_path_factory, mnist_root, cli) -> Path:
     return d
 
 
+@pytest.fixture
+def stand_in_classifier(tmp_path) -> Path:
+    """A classifier cache folder (for ``--classifier``) holding an untrained network, so that ``fastflow.evaluate``
+    runs in seconds instead of training the real judge for a minute. Its accuracy figures mean nothing."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from fastflow.classifier import Classifier
+
+    cache = tmp_path / "clf"
+    cache.mkdir()
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in Classifier().state_dict().items()}, str(cache / "classifier.safetensors"))
+    (cache / "classifier.json").write_text(json.dumps({"test_accuracy": 0.1}))
+    return cache
+
+
 def pytest_runtest_setup(item):
     """`cuda`-marked tests need a CUDA GPU and native kernels: they skip without a GPU, and under
     TRITON_INTERPRET=1 (``make test``), where the interpreter's kernels must never run inside torch.compile or a

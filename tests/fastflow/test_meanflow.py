@@ -491,12 +491,9 @@ def mf_checkpoint(tmp_path_factory):
     return d
 
 
-def test_sample_and_evaluate_with_meanflow(mf_checkpoint, mnist_root, tmp_path, capsys):
-    from safetensors.torch import save_file
-
+def test_sample_and_evaluate_with_meanflow(mf_checkpoint, mnist_root, tmp_path, capsys, stand_in_classifier):
     import fastflow.evaluate as ev
     import fastflow.sample as sm
-    from fastflow.classifier import Classifier
 
     assert load_checkpoint(mf_checkpoint).objective == "meanflow"
     out = tmp_path / "g.png"
@@ -507,11 +504,7 @@ def test_sample_and_evaluate_with_meanflow(mf_checkpoint, mnist_root, tmp_path, 
     lines = capsys.readouterr().out.splitlines()
     planned = [ln.split() for ln in lines if ln.startswith("meanflow")]
     assert [(p[2], p[3], p[5]) for p in planned] == [("w=1", "1", "1"), ("w=1", "4", "4"), ("w=2", "2", "4")], lines
-    cache = tmp_path / "clf"
-    cache.mkdir()
-    torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in Classifier().state_dict().items()}, str(cache / "classifier.safetensors"))
-    (cache / "classifier.json").write_text(json.dumps({"test_accuracy": 0.1}))
+    cache = stand_in_classifier
     report = tmp_path / "q.json"
     args = ["--solvers", "meanflow,heun", "--steps", "1,2", "--num-samples", "10", "--out", str(report)]
     assert ev.main([*common, *args, "--data-root", str(mnist_root), "--classifier", str(cache)]) == 0

@@ -8,9 +8,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from fastflow.classifier import Classifier
 from fastflow.config import PRESETS, ModelConfig, TrainConfig
 from fastflow.errors import UserError
 from fastflow.trainer import Trainer
@@ -37,7 +35,7 @@ def _run(env, *args, timeout=600):
     return proc
 
 
-def test_train_checkpoint_sample_evaluate_resume_end_to_end(mnist_root, tmp_path, cli_env):
+def test_train_checkpoint_sample_evaluate_resume_end_to_end(mnist_root, tmp_path, cli_env, stand_in_classifier):
     model, result = tmp_path / "model", tmp_path / "result"
     train = ["fastflow.train", "--preset", "tiny", "--subset", "256", "--data-root", str(mnist_root),
              "--model-dir", str(model), "--result-dir", str(result), "--sample-steps", "2", "--log-every", "2"]  # fmt: skip
@@ -64,11 +62,7 @@ def test_train_checkpoint_sample_evaluate_resume_end_to_end(mnist_root, tmp_path
     assert d["labels"].tolist() == [3] * 4 + [7] * 4
 
     # evaluate: with a stand-in classifier in a private cache (the real one takes a minute to train)
-    cache = tmp_path / "clf"
-    cache.mkdir()
-    torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in Classifier().state_dict().items()}, str(cache / "classifier.safetensors"))
-    (cache / "classifier.json").write_text(json.dumps({"test_accuracy": 0.1}))
+    cache = stand_in_classifier
     report = tmp_path / "eval.json"
     _run(cli_env, "fastflow.evaluate", "--checkpoint", str(model), "--num-samples", "20", "--steps", "2",
          "--data-root", str(mnist_root), "--classifier", str(cache), "--out", str(report))  # fmt: skip
