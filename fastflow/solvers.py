@@ -206,9 +206,13 @@ class GuidedField:
         return v.float()
 
 
-def _at(field, x: torch.Tensor, t: torch.Tensor, flags: tuple[bool, ...] | None, k: int) -> torch.Tensor:
-    """Stage ``k`` of a step: ``field(x, t)``, told for a GuidedField whether the stage is in its interval."""
-    return field(x, t) if flags is None else field(x, t, flags[k])
+def _at(
+    field, x: torch.Tensor, t: torch.Tensor, flags: tuple[bool, ...] | None, k: int, s: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Stage ``k`` of a step: ``field(x, t)``, told for a GuidedField whether the stage is in its interval (and
+    given MeanFlow's later time ``s`` when there is one)."""
+    kw = {} if s is None else {"s": s}
+    return field(x, t, **kw) if flags is None else field(x, t, flags[k], **kw)
 
 
 def integrate(
@@ -235,21 +239,13 @@ def integrate(
     for i in range(len(grid) - 1):
         t, h = grid[i], grid[i + 1] - grid[i]  # 0-d tensors: no recompiles, no host sync
         fl = plan[i] if guided_field else None  # per stage: inside the guidance interval?
-        if solver == "euler":
+        if solver in ("euler", "meanflow"):  # meanflow: x + h·u(x, t, t + h), with the average velocity
+            s = grid[i + 1] if solver == "meanflow" else None
             if guided_field and field.weight(fl[0]) not in (0.0, 1.0):
-                vc, vu = field.both(x, t)
-                kernels.guided_euler_step_(x, vc, vu, h, field.w)
-            else:
-                kernels.euler_step_(x, _at(field, x, t, fl, 0), h)
-        elif solver == "meanflow":  # x + h·u(x, t, t + h): the same fused updates, with the average velocity
-            s = grid[i + 1]
-            if not guided_field:
-                kernels.euler_step_(x, field(x, t, s=s), h)
-            elif field.weight(fl[0]) not in (0.0, 1.0):
                 vc, vu = field.both(x, t, s)
                 kernels.guided_euler_step_(x, vc, vu, h, field.w)
             else:
-                kernels.euler_step_(x, field(x, t, fl[0], s=s), h)
+                kernels.euler_step_(x, _at(field, x, t, fl, 0, s), h)
         elif solver == "midpoint":
             k1 = _at(field, x, t, fl, 0)
             k2 = _at(field, x + 0.5 * h * k1, t + 0.5 * h, fl, 1)
