@@ -2,9 +2,12 @@
 conditional accuracy on top and FID (log scale, with the floor and 1.5× the floor) below; one colour per solver,
 solid for the uniform time grid and dashed for the others.
 
-Reads only the JSON report (plot/ imports nothing from the project).
+Reads only the JSON reports (plot/ imports nothing from the project). Several reports draw as one figure, e.g. a
+flow-matching model's solvers beside a MeanFlow model's jumps, when they were judged alike (same number of digits,
+so the same floor) and no setting appears in two of them:
 
     python plot/quality.py result/quality.json --out plot/quality_vs_nfe.png
+    python plot/quality.py flow.json meanflow.json --out plot/quality_vs_nfe.png
 """
 
 from __future__ import annotations
@@ -37,6 +40,33 @@ def _interval(r: dict) -> tuple | None:
     """A row's guidance interval as (lo, hi), None when it guides at every stage (or has no such field)."""
     iv = r.get("guidance_interval")
     return tuple(iv) if iv else None
+
+
+def _key(r: dict) -> tuple:
+    return (r["solver"], r["grid"], r["guidance"], _interval(r), r["nfe"])
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report from several: their results side by side, under the first one's floor. Refuses reports judged
+    on different numbers of digits (their floors and FIDs are not comparable) and a setting reported twice (two
+    models' points would be joined into one line)."""
+    first = reports[0]
+    seen: dict[tuple, int] = {}
+    rows = []
+    for i, rep in enumerate(reports):
+        if rep["num_samples"] != first["num_samples"]:
+            raise SystemExit(
+                f"report {i + 1} judged {rep['num_samples']} digits per setting, report 1 {first['num_samples']}: "
+                "FIDs at different N are not comparable"
+            )
+        for r in rep["results"]:
+            k = _key(r)
+            if k in seen:
+                raise SystemExit(f"the setting {k} is in report {seen[k] + 1} and report {i + 1}: draw them apart")
+            seen[k] = i
+            rows.append(r)
+    title = " + ".join(f"{rep.get('checkpoint', '')} (step {rep.get('step', '?')})" for rep in reports)
+    return dict(first, results=rows, title=title)
 
 
 def draw(report: dict, out: Path) -> Path:
@@ -88,10 +118,8 @@ def draw(report: dict, out: Path) -> Path:
     axes[1, 0].set_ylabel("FID (classifier features)")
     axes[0, -1].legend(fontsize=7, loc="best")
     axes[1, -1].legend(fontsize=7, loc="upper right")
-    fig.suptitle(
-        f"{report.get('checkpoint', '')} (step {report.get('step', '?')}, {report['weights']} weights), {report['num_samples']} samples per setting",
-        fontsize=9,
-    )
+    title = report.get("title") or f"{report.get('checkpoint', '')} (step {report.get('step', '?')})"
+    fig.suptitle(f"{title}, {report['weights']} weights, {report['num_samples']} samples per setting", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -103,10 +131,10 @@ def draw(report: dict, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Draw quality against NFE from a fastflow.evaluate JSON report.")
-    p.add_argument("report", help="JSON written by python -m fastflow.evaluate --out")
+    p.add_argument("report", nargs="+", help="JSON written by python -m fastflow.evaluate --out (several: one figure)")
     p.add_argument("--out", default="plot/quality_vs_nfe.png", help="PNG to write (default: plot/quality_vs_nfe.png)")
     args = p.parse_args(argv)
-    report = json.loads(Path(args.report).read_text())
+    report = merge([json.loads(Path(r).read_text()) for r in args.report])
     print(f"{len(report['results'])} settings -> {draw(report, Path(args.out))}")
     return 0
 

@@ -282,3 +282,27 @@ def test_quality_plot_draws_each_guidance_interval_and_meanflow_as_its_own_line(
     assert labels == ["euler", "euler, guided in [0.2, 0.7]", "meanflow"]
     xs = {line.get_label(): list(line.get_xdata()) for line in figs[0].axes[0].get_lines()}
     assert xs["euler"] == [4, 8] and xs["euler, guided in [0.2, 0.7]"] == [5, 10]
+
+
+def test_quality_plot_merges_reports_of_two_models_and_refuses_what_does_not_compare(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_quality", PLOT)
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+
+    def report(rows, n=10):
+        return dict(results=rows, floor=dict(fid=6.0), weights="ema", num_samples=n, checkpoint="m", step=1)
+
+    def row(solver, nfe, w=1.0):
+        return dict(solver=solver, grid="uniform", guidance=w, guidance_interval=None, nfe=nfe, accuracy=0.9, fid=9.0)
+
+    flow, mean = report([row("euler", 4), row("euler", 8)]), report([row("meanflow", 1), row("meanflow", 2)])
+    merged = quality.merge([flow, mean])
+    got = [(r["solver"], r["nfe"]) for r in merged["results"]]
+    assert got == [("euler", 4), ("euler", 8), ("meanflow", 1), ("meanflow", 2)]
+    with pytest.raises(SystemExit, match="not comparable"):
+        quality.merge([flow, report([row("meanflow", 1)], n=20)])
+    with pytest.raises(SystemExit, match="report 1 and report 2"):
+        quality.merge([flow, report([row("euler", 8)])])
+    assert quality.draw(merged, tmp_path / "q.png").stat().st_size > 0
