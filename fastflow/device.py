@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
 
@@ -66,6 +67,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 _PROBE: tuple[float, float] | None = None
+PROBE_ENV = "FASTFLOW_BF16_PROBE"  # "fp32_s,bf16_s": the --procs launcher's probe, so every rank picks alike
 
 
 def cpu_bf16_probe() -> tuple[float, float]:
@@ -75,6 +77,9 @@ def cpu_bf16_probe() -> tuple[float, float]:
     (``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``): 35-42x. (A single small convolution separated the two
     less well under load: 1.5-1.7x against 2.2x.)"""
     global _PROBE
+    if _PROBE is None and os.environ.get(PROBE_ENV):  # a child of the --procs launcher: its parent measured
+        fp32_s, bf16_s = (float(v) for v in os.environ[PROBE_ENV].split(","))
+        _PROBE = (fp32_s, bf16_s)
     if _PROBE is None:
         import time
 

@@ -11,7 +11,7 @@ import functools
 import sys
 from collections.abc import Callable
 
-__all__ = ["UserError", "TrainingDiverged", "ArgumentParser", "cli"]
+__all__ = ["UserError", "TrainingDiverged", "PeerLost", "ArgumentParser", "cli"]
 
 
 class UserError(Exception):
@@ -24,6 +24,12 @@ class TrainingDiverged(UserError):
     """The loss (or the weights) went non-finite; nothing was saved after the last good checkpoint."""
 
     exit_code = 3
+
+
+class PeerLost(UserError):
+    """Another process of a multi-process run ended (its own error says why); this one stops. Exit code 1."""
+
+    exit_code = 1
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -31,8 +31,12 @@ _FAULT = os.environ.get("FASTFLOW_FAULT", "")
 
 
 def fault(point: str, step: int) -> None:
-    """SIGKILL this process if ``FASTFLOW_FAULT`` is ``"<point>:<step>"`` (a test hook; a no-op otherwise)."""
-    if _FAULT and _FAULT == f"{point}:{step}":
+    """SIGKILL this process if ``FASTFLOW_FAULT`` is ``"<point>:<step>"``, or ``"<point>:<step>@<rank>"`` and
+    this is that rank of a multi-process run (a test hook; a no-op otherwise)."""
+    if not _FAULT:
+        return
+    where, _, rank = _FAULT.partition("@")
+    if where == f"{point}:{step}" and (not rank or rank == os.environ.get("RANK", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import shlex
 import signal
 import sys
@@ -20,8 +21,9 @@ from .checkpoint import has_checkpoint, own_folder
 from .config import ModelConfig, TrainConfig, add_dataclass_args, resolve_preset, validate
 from .device import resolve_device
 from .distributed import Dist, check_same, init_distributed, record_errors, shutdown
-from .errors import ArgumentParser, UserError, cli
+from .errors import ArgumentParser, PeerLost, UserError, cli
 from .io import check_writable
+from .launch import LAUNCHED, plan, run
 from .trainer import Trainer, init_checkpoint
 
 __all__ = ["build_parser", "main", "resume_command"]
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resume_command(argv: list[str], dist: Dist = Dist()) -> str:
     """The command line that continues this run: the same flags plus ``--resume``."""
     args = [a for a in argv if a not in ("--resume", "--no-resume")] + ["--resume"]
-    launcher = f"torchrun --nproc_per_node={dist.world_size}" if dist.enabled else "python"
+    launched = dist.enabled and not os.environ.get(LAUNCHED)  # --procs children: python starts them again
+    launcher = f"torchrun --nproc_per_node={dist.world_size}" if launched else "python"
     return f"{launcher} -m fastflow.train {shlex.join(args)}"
 
 
@@ -63,6 +66,15 @@ def _install_signal_handlers(trainer) -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+def _probe_env(amp: str) -> dict[str, str]:
+    """--amp auto on a CPU with bf16 instructions: measure here once, so that every child decides alike."""
+    from .device import PROBE_ENV, _cpu_has_bf16, cpu_bf16_probe
+
+    if amp != "auto" or not _cpu_has_bf16():
+        return {}
+    return {PROBE_ENV: ",".join(f"{v!r}" for v in cpu_bf16_probe())}
 
 
 @record_errors  # outermost: an uncaught error on a rank becomes torchrun's root cause; UserError stays one line
@@ -84,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(
                 f"--init-from {cfg.init_from}: its model config is the run's; {', '.join(other)} would change it"
             )
+    launch = plan(cfg.procs, device.type, cfg.batch_size)
+    if launch is not None:  # CPU: N processes as under torchrun, started here; each runs this same command
+        return run(launch, argv, _probe_env(cfg.amp))
     dist = init_distributed(device)  # torchrun's process group, or one process
     device = dist.local_device(device)  # cuda:LOCAL_RANK under torchrun
     early = argparse.Namespace(stop_requested=False)  # a signal during start-up: stop after the first step
@@ -113,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             _install_signal_handlers(trainer)
             trainer.stop_requested = trainer.stop_requested or early.stop_requested
             return trainer.fit()
+    except RuntimeError as e:  # gloo's "Connection closed by peer": a consequence, not the cause; one line
+        if dist.enabled and ("closed by peer" in str(e) or "reset by peer" in str(e)):
+            raise PeerLost(f"rank {dist.rank}: another process of this run ended, so this one stops") from None
+        raise
     finally:
         shutdown(dist)
 

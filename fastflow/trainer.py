@@ -393,7 +393,9 @@ class Trainer:
         if main:
             steps = f"{cfg.time_budget:g} s" if self.total_steps == UNPLANNED else f"{self.total_steps} steps"
             print(
-                f"fastflow: preset {cfg.preset}, device {self.device}, amp {describe_amp(cfg.amp, self.amp_dtype, self.device)}, "
+                f"fastflow: preset {cfg.preset}, device {self.device}"
+                + (f" x {self.dist.world_size} processes" if self.dist.enabled else "")
+                + f", amp {describe_amp(cfg.amp, self.amp_dtype, self.device)}, "
                 f"step {self.mode}, objective {cfg.objective}, "
                 f"{count_parameters(self.model):,} parameters, {steps} of batch {cfg.batch_size}"
             )
