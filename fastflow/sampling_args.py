@@ -57,6 +57,12 @@ def finite_float(text: str) -> float:
     return v
 
 
+# Guidance only for t in [0.2, 0.7]: at 6 NFE on two default-recipe models (two noise seeds on one), every w in
+# 1.25-2 and both Euler and midpoint gave a lower FID than guiding at every stage, at 98.5-99.9% accuracy
+# (README, "Guidance in an interval"). At w = 1 it changes nothing.
+DEFAULT_INTERVAL: Interval = (0.2, 0.7)
+
+
 def parse_interval(text: str) -> Interval | None:
     """An argparse type: ``"LO,HI"`` -> ``(LO, HI)`` with 0 <= LO < HI <= 1. ``"none"`` and ``"0,1"`` (every
     stage time lies in [0, 1]) mean guidance everywhere: None."""
@@ -153,9 +159,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag(
         "--guidance-interval",
         "guide only at solver stages whose time t lies in [LO, HI] (t = 0 noise, t = 1 data), the conditional "
-        "field (1 NFE) elsewhere; 0 <= LO < HI <= 1; none or 0,1: at every stage (default: none). At w = 1 it "
-        "changes nothing",
+        "field (1 NFE) elsewhere; 0 <= LO < HI <= 1; none or 0,1: at every stage (default: 0.2,0.7, measured "
+        "better than every stage for every w, solver and model tried: README). At w = 1 it changes nothing",
         parse=parse_interval,
+        default=DEFAULT_INTERVAL,
         metavar="LO,HI",
         grid=True,
         plural=True,
