@@ -206,6 +206,7 @@ def test_grid_end_to_end(tiny, capsys, monkeypatch):
     common = ["--checkpoint", str(tiny / "model"), "--classifier", str(tiny / "clf"), "--data-root", str(DATA)]
     common += ["--device", "cpu"]
     grid = "--solvers euler,heun,rk4 --nfe 2,4 --grid uniform,quadratic --num-samples 20".split()
+    grid += ["--guidance-interval", "none"]  # guided at every stage: the costs below
     assert ev.main([*common, *grid, "--guidance", "1,2", "--out", str(out), "--plot", str(png)]) == 0
     rep = json.loads(out.read_text())
     assert rep["complete"] is True and rep["weights"] == "ema" and rep["num_samples"] == 20

@@ -500,7 +500,8 @@ def test_sample_and_evaluate_with_meanflow(mf_checkpoint, mnist_root, tmp_path, 
     common = ["--checkpoint", str(mf_checkpoint), "--device", "cpu"]
     assert sm.main([*common, "--solver", "meanflow", "--steps", "3", "--per-digit", "1", "--out", str(out)]) == 0
     assert "(meanflow, 3 steps, 3 NFE" in capsys.readouterr().out and out.exists()
-    assert ev.main([*common, "--solvers", "euler,meanflow", "--nfe", "1,4", "--guidance", "1,2", "--dry-run"]) == 0
+    plan = ["--solvers", "euler,meanflow", "--nfe", "1,4", "--guidance", "1,2", "--guidance-interval", "none"]
+    assert ev.main([*common, *plan, "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     planned = [ln.split() for ln in lines if ln.startswith("meanflow")]
     assert [(p[2], p[3], p[5]) for p in planned] == [("w=1", "1", "1"), ("w=1", "4", "4"), ("w=2", "2", "4")], lines

@@ -57,12 +57,19 @@ def test_single_values_in_sample_and_lists_in_evaluate():
     c = evaluate_parser().parse_args(["--guidance-intervals", "none", "0.3,1", "0,1", "--guidance", "1,2"])
     assert c.guidance_interval == [None, (0.3, 1.0), None]  # none and 0,1 both mean: guide at every stage
     d = sample_parser().parse_args([])
-    assert (d.solver, d.guidance, d.guidance_interval, d.grid, d.batch_size) == ("euler", 1.0, None, "uniform", None)
+    # guidance only for t in [0.2, 0.7] unless asked otherwise (measured: README, "Guidance in an interval")
+    assert (d.solver, d.guidance, d.guidance_interval, d.grid, d.batch_size) == (
+        "euler",
+        1.0,
+        (0.2, 0.7),
+        "uniform",
+        None,
+    )
     e = evaluate_parser().parse_args([])
     assert (e.solver, e.guidance, e.guidance_interval, e.grid, e.steps, e.nfe) == (
         ["euler"],
         [1.0],
-        None,
+        [(0.2, 0.7)],
         ["uniform"],
         None,
         None,
