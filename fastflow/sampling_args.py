@@ -269,9 +269,12 @@ def resolve_batch_size(batch_size: int | None, device: torch.device) -> int:
 
 
 def describe_guidance(guidance: float, interval: Interval | None) -> str:
-    """``"guidance 2"`` or ``"guidance 2 in t ∈ [0.3, 1]"``, for messages and tables."""
+    """``"guidance 2"`` or ``"guidance 2 for t in [0.3, 1]"``, for messages and tables; at w = 1 (the conditional
+    field at every stage) the interval changes nothing and is not named."""
     text = f"guidance {float(guidance):g}"
-    return text if interval is None else f"{text} for t in [{interval[0]:g}, {interval[1]:g}]"
+    if interval is None or float(guidance) == 1.0:
+        return text
+    return f"{text} for t in [{interval[0]:g}, {interval[1]:g}]"
 
 
 def check_solvers(solvers, objective: str, path) -> None:

@@ -42,6 +42,24 @@ def _interval(r: dict) -> tuple | None:
     return tuple(iv) if iv else None
 
 
+ROUND_NFE = (1, 2, 3, 4, 6, 8, 10, 16, 20, 32, 64, 128)
+
+
+def _spaced(ticks: list[int], ratio: float = 1.2) -> list[int]:
+    """The NFE ticks of a log axis: the round budgets among ``ticks`` (all of them if none is round), each at
+    least ``ratio`` times the one before (8, 9, 10 or 15, 16, 18 would overlap)."""
+    out: list[int] = []
+    for t in [t for t in ticks if t in ROUND_NFE] or ticks:
+        if not out or t >= ratio * out[-1]:
+            out.append(t)
+    return out
+
+
+def _short(path: str) -> str:
+    """A checkpoint path as its last two parts (runs/model), for the title."""
+    return "/".join(Path(path).parts[-2:]) if path else ""
+
+
 def _key(r: dict) -> tuple:
     return (r["solver"], r["grid"], r["guidance"], _interval(r), r["nfe"])
 
@@ -65,7 +83,7 @@ def merge(reports: list[dict]) -> dict:
                 raise SystemExit(f"the setting {k} is in report {seen[k] + 1} and report {i + 1}: draw them apart")
             seen[k] = i
             rows.append(r)
-    title = " + ".join(f"{rep.get('checkpoint', '')} (step {rep.get('step', '?')})" for rep in reports)
+    title = " + ".join(f"{_short(rep.get('checkpoint', ''))} (step {rep.get('step', '?')})" for rep in reports)
     return dict(first, results=rows, title=title)
 
 
@@ -107,7 +125,7 @@ def draw(report: dict, out: Path) -> Path:
         bottom.axhline(1.5 * floor, color="gray", lw=0.8, ls=":", label="1.5× floor")
         top.set_title(f"guidance w = {w:g}")
         bottom.set_xscale("log", base=2)
-        bottom.set_xticks(sorted({r["nfe"] for r in rows}))
+        bottom.set_xticks(_spaced(sorted({r["nfe"] for r in rows})))
         bottom.xaxis.set_major_formatter(ticker.ScalarFormatter())
         bottom.xaxis.set_minor_locator(ticker.NullLocator())
         bottom.set_yscale("log")
@@ -116,9 +134,13 @@ def draw(report: dict, out: Path) -> Path:
             ax.grid(alpha=0.3, which="both")
     axes[0, 0].set_ylabel("classified as asked (%)")
     axes[1, 0].set_ylabel("FID (classifier features)")
-    axes[0, -1].legend(fontsize=7, loc="best")
+    labelled: dict = {}  # every column's lines in one legend (a solver may appear at one w only, e.g. meanflow)
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            labelled.setdefault(lab, h)
+    axes[0, -1].legend(list(labelled.values()), list(labelled), fontsize=7, loc="best")
     axes[1, -1].legend(fontsize=7, loc="upper right")
-    title = report.get("title") or f"{report.get('checkpoint', '')} (step {report.get('step', '?')})"
+    title = report.get("title") or f"{_short(report.get('checkpoint', ''))} (step {report.get('step', '?')})"
     fig.suptitle(f"{title}, {report['weights']} weights, {report['num_samples']} samples per setting", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
