@@ -90,8 +90,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(launch: Launch, argv: list[str], extra_env: dict[str, str] | None = None) -> int:
-    """Start ``launch.procs`` copies of ``python -m fastflow.train ARGV``, wait for them, return the exit code."""
+def run(
+    launch: Launch, argv: list[str], extra_env: dict[str, str] | None = None, program: list[str] | None = None
+) -> int:
+    """Start ``launch.procs`` copies of ``python -m fastflow.train ARGV`` (``program`` instead of ``python -m
+    fastflow.train``: the tests' stand-in children), wait for them, return the exit code."""
     n = launch.procs
     s = "s" if launch.threads > 1 else ""
     print(f"fastflow: {n} processes x {launch.threads} thread{s} ({launch.why}; --procs 1: one process)", flush=True)
@@ -100,7 +103,7 @@ def run(launch: Launch, argv: list[str], extra_env: dict[str, str] | None = None
         WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
         OMP_NUM_THREADS=str(launch.threads), **{LAUNCHED: "1"},
     )  # fmt: skip
-    cmd = [sys.executable, "-m", "fastflow.train", *argv]
+    cmd = [*(program or [sys.executable, "-m", "fastflow.train"]), *argv]
     with contextlib.ExitStack() as stack:
         errs = [stack.enter_context(tempfile.TemporaryFile("w+b")) for _ in range(n)]
         children = [
