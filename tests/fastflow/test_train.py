@@ -29,17 +29,19 @@ def test_short_training_lowers_the_loss(mnist_root, tmp_path):
     assert losses[-1] < 0.75 * losses[0], losses
 
 
-def _run(env, *args, timeout=600):
-    proc = subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True, timeout=timeout)
+def _run(cli, env, *args, timeout=600):
+    """``python -m ARGS`` through the warm-fork runner (tests/cli_runner.py: the same program, without the
+    interpreter's start-up each time; it runs a real process itself where a fork cannot stand in)."""
+    proc = cli.run([sys.executable, "-m", *args], env=env, timeout=timeout)
     assert proc.returncode == 0, f"{args[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
     return proc
 
 
-def test_train_checkpoint_sample_evaluate_resume_end_to_end(mnist_root, tmp_path, cli_env, stand_in_classifier):
+def test_train_checkpoint_sample_evaluate_resume_end_to_end(mnist_root, tmp_path, cli, cli_env, stand_in_classifier):
     model, result = tmp_path / "model", tmp_path / "result"
     train = ["fastflow.train", "--preset", "tiny", "--subset", "256", "--data-root", str(mnist_root),
              "--model-dir", str(model), "--result-dir", str(result), "--sample-steps", "2", "--log-every", "2"]  # fmt: skip
-    out = _run(cli_env, *train, "--max-steps", "6")
+    out = _run(cli, cli_env, *train, "--max-steps", "6")
     assert "parameters" in out.stdout  # the parameter count is printed at start
     for name in ("model.safetensors", "ema.safetensors", "config.json", "state.pt", "manifest.json"):
         assert (model / name).is_file(), name
@@ -47,13 +49,13 @@ def test_train_checkpoint_sample_evaluate_resume_end_to_end(mnist_root, tmp_path
     assert (result / "samples.png").is_file() and (result / "loss.csv").is_file()
 
     # --resume continues from the saved step
-    out = _run(cli_env, *train, "--max-steps", "10", "--resume")
+    out = _run(cli, cli_env, *train, "--max-steps", "10", "--resume")
     assert "at step 6" in out.stdout
     assert json.loads((model / "manifest.json").read_text())["step"] == 10
 
     # sample: a grid and the tensor dict, ordered digit by digit
     grid, tensor = tmp_path / "g.png", tmp_path / "s.pt"
-    _run(cli_env, "fastflow.sample", "--checkpoint", str(model), "--digits", "3,7", "--per-digit", "4",
+    _run(cli, cli_env, "fastflow.sample", "--checkpoint", str(model), "--digits", "3,7", "--per-digit", "4",
          "--steps", "3", "--seed", "1", "--out", str(grid), "--save-tensor", str(tensor))  # fmt: skip
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     d = torch.load(tensor, weights_only=True)
@@ -64,7 +66,7 @@ def test_train_checkpoint_sample_evaluate_resume_end_to_end(mnist_root, tmp_path
     # evaluate: with a stand-in classifier in a private cache (the real one takes a minute to train)
     cache = stand_in_classifier
     report = tmp_path / "eval.json"
-    _run(cli_env, "fastflow.evaluate", "--checkpoint", str(model), "--num-samples", "20", "--steps", "2",
+    _run(cli, cli_env, "fastflow.evaluate", "--checkpoint", str(model), "--num-samples", "20", "--steps", "2",
          "--data-root", str(mnist_root), "--classifier", str(cache), "--out", str(report))  # fmt: skip
     r = json.loads(report.read_text())
     assert 0.0 <= r["accuracy"] <= 1.0 and set(r["per_digit"]) == {str(k) for k in range(10)}
@@ -83,18 +85,18 @@ def _weights(model_dir):
 
 
 @pytest.mark.parametrize("first, then", [("--compile", "--no-compile"), ("--no-compile", "--compile")])
-def test_resume_across_step_modes(mnist_root, tmp_path, cli_env, first, then):
+def test_resume_across_step_modes(mnist_root, tmp_path, cli, cli_env, first, then):
     """A run trained compiled resumes eagerly and the reverse (the optimizer state is placed for the new mode),
     and ends where an uninterrupted eager run ends, within the compiled-vs-eager bound of test_step.py (2% of
     Σlr; losing AdamW's moments or step count moves weights by ~lr)."""
     common = [*MICRO, "--subset", "64", "--data-root", str(mnist_root), "--sample-steps", "1", "--log-every", "1"]
     ref, run = tmp_path / "ref", tmp_path / "run"
-    _run(cli_env, "fastflow.train", *common, "--model-dir", str(ref), "--result-dir", str(tmp_path / "r0"),
+    _run(cli, cli_env, "fastflow.train", *common, "--model-dir", str(ref), "--result-dir", str(tmp_path / "r0"),
          "--max-steps", "4", "--no-compile")  # fmt: skip
-    out = _run(cli_env, "fastflow.train", *common, "--model-dir", str(run), "--result-dir", str(tmp_path / "r1"),
+    out = _run(cli, cli_env, "fastflow.train", *common, "--model-dir", str(run), "--result-dir", str(tmp_path / "r1"),
                "--max-steps", "2", first)  # fmt: skip
     assert ("step compile" in out.stdout) == (first == "--compile"), out.stdout
-    out = _run(cli_env, "fastflow.train", *common, "--model-dir", str(run), "--result-dir", str(tmp_path / "r1"),
+    out = _run(cli, cli_env, "fastflow.train", *common, "--model-dir", str(run), "--result-dir", str(tmp_path / "r1"),
                "--max-steps", "4", then, "--resume")  # fmt: skip
     assert "at step 2" in out.stdout and ("step compile" in out.stdout) == (then == "--compile"), out.stdout
     assert "warning" not in out.stderr, out.stderr  # no silent fallback to eager
@@ -105,7 +107,7 @@ def test_resume_across_step_modes(mnist_root, tmp_path, cli_env, first, then):
     assert worst <= 0.02 * 4e-3, f"max |Δθ| {worst:.3g} vs the uninterrupted eager run (bound {0.02 * 4e-3:.3g})"
 
 
-def test_a_second_run_on_the_same_model_dir_is_refused(mnist_root, tmp_path, cli_env):
+def test_a_second_run_on_the_same_model_dir_is_refused(mnist_root, tmp_path, cli, cli_env):
     from fastflow.checkpoint import own_folder
 
     model = tmp_path / "model"
@@ -131,7 +133,7 @@ def test_a_second_run_on_the_same_model_dir_is_refused(mnist_root, tmp_path, cli
             pass
     holder.kill()
     holder.wait()
-    _run(cli_env, "fastflow.train", *cmd)
+    _run(cli, cli_env, "fastflow.train", *cmd)
     assert (model / "manifest.json").exists()
 
 
