@@ -156,13 +156,20 @@ def _last_line(f) -> str:
 def _report(failed: int, rc: int, errs) -> int:
     """Say what ended the job, once: the first rank that failed. Rank 0's stderr has been shown as it came; another
     rank's last line is shown unless rank 0 said the same (an error every rank raises)."""
-    said = _last_line(errs[failed])
     if rc < 0:  # killed: it could say nothing
         said = f"error: rank {failed} was killed by {signal.Signals(-rc).name}"
-    elif failed == 0 or said == _last_line(errs[0]):
-        said = ""
-    elif said and not said.startswith("error:"):  # a crash: its last line, then where the rest is
-        said = f"error: rank {failed} failed: {said}"
+    elif failed == 0:
+        said = ""  # rank 0 said why on our stderr
+    else:
+        last = _last_line(errs[failed])
+        if last and last == _last_line(errs[0]):
+            said = ""
+        elif last.startswith("error:"):
+            said = last
+        elif last:  # a crash: the last line of its traceback
+            said = f"error: rank {failed} failed: {last}"
+        else:
+            said = f"error: rank {failed} exited with code {rc}"
     if said:
         print(said, file=sys.stderr)
     return rc if rc > 0 else 128 - rc

@@ -100,6 +100,10 @@ if what == "kill-rank-1":
     if rank == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(60)  # rank 0 waits, as in a collective, until the launcher stops it
+if what == "crash-rank-1":
+    if rank == 1:
+        raise RuntimeError("boom")
+    time.sleep(60)
 if what == "signals":
     got = []
     signal.signal(signal.SIGINT, lambda s, f: got.append(s))
@@ -139,6 +143,14 @@ def test_a_killed_rank_is_named_and_the_others_are_stopped(tmp_path, capfd, monk
     assert _standin(tmp_path, "kill-rank-1") == 128 + signal.SIGKILL
     assert time.monotonic() - t0 < 15  # rank 0 stopped after the grace time, not left to its 60 s sleep
     assert capfd.readouterr().err.strip().splitlines()[-1] == "error: rank 1 was killed by SIGKILL"
+
+
+def test_a_crash_on_another_rank_is_named_by_its_last_line(tmp_path, capfd, monkeypatch):
+    from fastflow import launch
+
+    monkeypatch.setattr(launch, "GRACE_S", 0.5)
+    assert _standin(tmp_path, "crash-rank-1") == 1
+    assert capfd.readouterr().err.strip().splitlines()[-1] == "error: rank 1 failed: RuntimeError: boom"
 
 
 def test_a_ctrl_c_reaches_every_child_once(tmp_path):
