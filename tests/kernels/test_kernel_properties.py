@@ -71,7 +71,10 @@ def test_loss_property(case):
 @given(case=cases(), guided=st.booleans())
 def test_euler_property(case, guided):
     gen, (vc, vu) = _inputs(case, 2, away_from_zero)
-    vu = (vu.float().abs() * vc.float().sign()).to(vc.dtype)  # same signs: the guided field stays away from 0
+    # Same signs and |vu| in [0.25, 0.75): the guided field 1.5·vc − 0.5·vu is at least 1.5·0.5 − 0.5·0.75 = 0.375
+    # in size. (|vu| up to 1.5 let it reach 0: bf16 rounds vu = 1.49 to 1.5, and 1.5·0.5 − 0.5·1.5 = 0 leaves x as
+    # it was, which the check below took for an unwritten element; seen once in CI-like runs.)
+    vu = (vu.float().abs() * 0.5 * vc.float().sign()).to(vc.dtype)
     x0 = torch.rand(case["shape"], generator=gen).to(TRITON_DEVICE)
     x = x0.clone()
     with kernels.use_backend("triton"):
