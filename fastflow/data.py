@@ -32,6 +32,7 @@ __all__ = [
     "ensure_mnist",
     "load_mnist",
     "DeviceLoader",
+    "check_batch_split",
 ]
 
 # MD5 of the uncompressed files (shared/DATA.md).
@@ -189,6 +190,12 @@ def load_mnist(root: str | Path = "data", train: bool = True, verbose: bool = Tr
     return MNISTArrays(ds.data.to(torch.uint8), ds.targets.to(torch.int64))
 
 
+def check_batch_split(batch_size: int, processes: int) -> None:
+    """Each of ``processes`` ranks takes an equal share of every global batch: refuse a batch that does not split."""
+    if batch_size % processes:
+        raise UserError(f"--batch-size {batch_size} does not divide evenly across {processes} processes")
+
+
 class DeviceLoader:
     """The whole set on the training device as uint8; each epoch a seeded random permutation.
 
@@ -211,8 +218,7 @@ class DeviceLoader:
     ):
         if batch_size <= 0:
             raise UserError(f"--batch-size must be > 0, got {batch_size}")
-        if batch_size % world_size:
-            raise UserError(f"--batch-size {batch_size} does not divide evenly across {world_size} processes")
+        check_batch_split(batch_size, world_size)
         if drop_last and batch_size > len(images):
             raise UserError(f"--batch-size {batch_size} is larger than the {len(images)} training images")
         self.images = images.to(device=device, dtype=torch.uint8)  # [N, 28, 28]

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .data import check_batch_split
+from .distributed import _env_int
 from .errors import UserError
 
 __all__ = ["Launch", "plan", "run", "LAUNCHED"]
@@ -58,7 +60,7 @@ def plan(procs: int, device_type: str, batch_size: int, threads: int | None = No
     """
     if os.environ.get(LAUNCHED):  # a child of this launcher: it trains
         return None
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if _env_int("WORLD_SIZE", 1) > 1:
         if procs > 1:
             raise UserError(f"--procs {procs}: this process is already one of {os.environ['WORLD_SIZE']} (torchrun)")
         return None
@@ -79,8 +81,7 @@ def plan(procs: int, device_type: str, batch_size: int, threads: int | None = No
         return None
     else:
         why = f"--procs {procs}"
-    if batch_size % procs:
-        raise UserError(f"--batch-size {batch_size} does not divide evenly across {procs} processes")
+    check_batch_split(batch_size, procs)  # here, before any process starts: one line, once
     return Launch(procs, max(1, threads // procs), why)
 
 

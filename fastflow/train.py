@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resume_command(argv: list[str], dist: Dist = Dist()) -> str:
     """The command line that continues this run: the same flags plus ``--resume``."""
     args = [a for a in argv if a not in ("--resume", "--no-resume")] + ["--resume"]
-    launched = dist.enabled and not os.environ.get(LAUNCHED)  # --procs children: python starts them again
-    launcher = f"torchrun --nproc_per_node={dist.world_size}" if launched else "python"
+    torchrun = dist.enabled and not os.environ.get(LAUNCHED)  # --procs children: python starts them again
+    launcher = f"torchrun --nproc_per_node={dist.world_size}" if torchrun else "python"
     return f"{launcher} -m fastflow.train {shlex.join(args)}"
 
 
