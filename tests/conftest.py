@@ -9,6 +9,13 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (``-n N``, the default: pyproject's addopts) the cores are shared out among the workers, so
+# that N workers of all the threads each do not fight over them. Set before torch is imported; an explicit
+# OMP_NUM_THREADS is kept.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
