@@ -26,8 +26,9 @@ sample: $(STAMP)
 evaluate: $(STAMP)
 	$(BIN)/python -m fastflow.evaluate $(ARGS)
 
+# One pytest-xdist worker per core (at most 8), each with its share of the threads (tests/conftest.py); ARGS="-n 0": serial.
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest $(ARGS)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -n logical --maxprocesses 8 $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench all $(ARGS)

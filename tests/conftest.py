@@ -9,7 +9,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Under pytest-xdist (``-n N``, the default: pyproject's addopts) the cores are shared out among the workers, so
+# Under pytest-xdist (``-n N``; ``make test`` runs one worker per core) the cores are shared out among the workers, so
 # that N workers of all the threads each do not fight over them. Set before torch is imported; an explicit
 # OMP_NUM_THREADS is kept.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
