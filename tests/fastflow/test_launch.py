@@ -8,16 +8,19 @@ weights as one process, and a Ctrl-C that saves and exits 0 like a single-proces
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from fastflow import launch
 from fastflow.errors import UserError
 from fastflow.launch import LAUNCHED, Launch, plan
 
@@ -118,10 +121,6 @@ if what == "signals":
 
 
 def _standin(tmp_path, what, procs=2, after=None):
-    import threading
-
-    from fastflow import launch
-
     script = tmp_path / "standin.py"
     script.write_text(STANDIN)
     if after is not None:
@@ -136,8 +135,6 @@ def test_an_error_every_rank_raises_is_said_once(tmp_path, capfd):
 
 
 def test_a_killed_rank_is_named_and_the_others_are_stopped(tmp_path, capfd, monkeypatch):
-    from fastflow import launch
-
     monkeypatch.setattr(launch, "GRACE_S", 0.5)
     t0 = time.monotonic()
     assert _standin(tmp_path, "kill-rank-1") == 128 + signal.SIGKILL
@@ -146,16 +143,12 @@ def test_a_killed_rank_is_named_and_the_others_are_stopped(tmp_path, capfd, monk
 
 
 def test_a_crash_on_another_rank_is_named_by_its_last_line(tmp_path, capfd, monkeypatch):
-    from fastflow import launch
-
     monkeypatch.setattr(launch, "GRACE_S", 0.5)
     assert _standin(tmp_path, "crash-rank-1") == 1
     assert capfd.readouterr().err.strip().splitlines()[-1] == "error: rank 1 failed: RuntimeError: boom"
 
 
 def test_a_ctrl_c_reaches_every_child_once(tmp_path):
-    import os
-
     def ctrl_c():  # the terminal's SIGINT goes to the launcher only (the children have their own sessions)
         deadline = time.monotonic() + 30
         while not all((tmp_path / f"ready{r}").exists() for r in range(2)) and time.monotonic() < deadline:
