@@ -70,12 +70,11 @@ PRESETS: dict[str, tuple[dict, dict]] = {
         dict(num_epochs=10, batch_size=32, lr=1e-4),
     ),
     # Sized for a 2-core laptop CPU: 300 s of training on any of them (README, "CPU recipe"). The space-to-depth
-    # stem (patch 2, widths 32/64 at 14 and 7 pixels) trains 1.6-2.4x the images per second of the 16/32/64 U-Net at
-    # 28 pixels (interleaved runs, AVX2 fp32 and AVX-512 bf16) for 1-2 points less per image: on an AVX2 CPU, 300 s
-    # each, back to back, 88.8% (16/32/64) against 94.1% (patch 2). Batch 48 with uniform t was
-    # measured best for the 16/32/64 U-Net (95.6-96.2% against 93.9-95.4% at batch 64 or logit-normal t).
+    # stem (patch 2: the U-Net runs at 14 and 7 pixels) trains 1.6-2.4x the images per second of a U-Net at 28
+    # pixels. Widths 24/48 with logit-normal t, against 32/64 with uniform t, 300 s each held to AVX2, seeds
+    # 42/1/2/3: 95.4/94.3/94.7/95.0% against 95.5/92.0/93.2/94.3%, FID 15-17 against 21-29 (1.3-1.6x the steps).
     "cpu": (
-        dict(channels=(32, 64), emb_dim=64, patch=2),
+        dict(channels=(24, 48), emb_dim=64, patch=2),
         dict(
             time_budget=300.0,  # ends on time on any CPU; --num-epochs N (or --time-budget 0: 2 epochs) instead
             num_epochs=2,
@@ -83,7 +82,7 @@ PRESETS: dict[str, tuple[dict, dict]] = {
             lr=2e-3,
             warmup_steps=100,
             lr_schedule="cosine",
-            time_sampling="uniform",
+            time_sampling="logit-normal",
             procs=0,  # two single-thread processes on 2 cores: 1.05-1.37x one two-thread process (README)
         ),
     ),
@@ -198,7 +197,7 @@ class TrainConfig:
     )
     time_sampling: str = setting(
         "uniform",
-        "distribution of t during training (uniform measured better: README, 'CPU recipe')",
+        "distribution of t during training (the cpu preset's: logit-normal, measured better; README, 'CPU recipe')",
         choices=("uniform", "logit-normal"),
     )
     amp: str = setting(
