@@ -194,7 +194,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(
         "--amp",
         "network precision: none = fp32, bf16, or auto = bf16 on CUDA with bf16 and on a CPU where native bf16 "
-        "(AVX-512 BF16 / AMX) runs fast (default: none)",
+        "(AVX-512 BF16 / AMX) runs fast (default: auto in fastflow.sample; none in fastflow.evaluate, so that its "
+        "figures are fp32 on every machine)",
         default="none",
         choices=("auto", "none", "bf16"),
     ),

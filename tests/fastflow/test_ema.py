@@ -121,6 +121,8 @@ def test_sample_cli_uses_ema_unless_told(tmp_path):
         "2",
         "--device",
         "cpu",
+        "--amp",
+        "none",  # compared with fp32 sampling below (the default, auto, may pick bf16)
     ]
     assert main([*common, "--out", str(tmp_path / "a.png"), "--save-tensor", str(tmp_path / "a.pt")]) == 0
     assert main([*common, "--no-ema", "--out", str(tmp_path / "b.png"), "--save-tensor", str(tmp_path / "b.pt")]) == 0

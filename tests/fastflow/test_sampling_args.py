@@ -65,7 +65,9 @@ def test_single_values_in_sample_and_lists_in_evaluate():
         "uniform",
         None,
     )
+    assert d.amp == "auto"  # sample picks the fastest precision here; evaluate's figures stay fp32 unless asked
     e = evaluate_parser().parse_args([])
+    assert e.amp == "none"
     assert (e.solver, e.guidance, e.guidance_interval, e.grid, e.steps, e.nfe) == (
         ["euler"],
         [1.0],
