@@ -72,7 +72,7 @@ PRESETS: dict[str, tuple[dict, dict]] = {
     # Sized for a 2-core laptop CPU: 300 s of training on any of them (README, "CPU recipe"). The space-to-depth
     # stem (patch 2: the U-Net runs at 14 and 7 pixels) trains 1.6-2.4x the images per second of a U-Net at 28
     # pixels. Widths 24/48 with logit-normal t, against 32/64 with uniform t, 300 s each held to AVX2, seeds
-    # 42/1/2/3: 95.4/94.3/94.7/95.0% against 95.5/92.0/93.2/94.3%, FID 15-17 against 21-29 (1.3-1.6x the steps).
+    # 42/1/2/3: 95.4/94.3/94.7/95.0% against 95.5/92.0/93.2/94.3%, FID 15-17 against 21-29 (1.3-1.7x the steps).
     "cpu": (
         dict(channels=(24, 48), emb_dim=64, patch=2),
         dict(
