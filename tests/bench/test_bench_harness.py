@@ -245,3 +245,18 @@ def test_gpu_check_dry_run_names_a_missing_import(tmp_path, cli_env):
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-2000:]
     assert "cannot import: triton (ImportError: no triton on this machine" in p.stdout
     assert p.stdout.rstrip().splitlines()[-1].startswith("gpu_check --dry-run: FAILED: an import the stages need")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+def test_in_process_rows_report_their_own_peak_rss():
+    """With --in-process a row must not inherit an earlier row's peak RSS: _fresh_state resets it."""
+    from fastflow.device import peak_memory_mb
+
+    cpu = torch.device("cpu")
+    bm._fresh_state("cpu")  # its own imports (Dynamo) first, so that they do not count below
+    big = torch.ones(300 * 2**20 // 4)  # 300 MiB, touched
+    high = peak_memory_mb(cpu)["peak_rss_mb"]
+    del big
+    bm._fresh_state("cpu")
+    low = peak_memory_mb(cpu)["peak_rss_mb"]
+    assert low < high - 200, (high, low)
