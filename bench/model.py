@@ -432,18 +432,6 @@ def _isa() -> str | None:
         return None
 
 
-def reset_peak_rss() -> bool:
-    """Start this process's peak RSS (``getrusage``'s ru_maxrss, /proc's VmHWM) again from its current RSS, so that
-    a row measured in a process that ran others reports its own peak. Linux only (``/proc/self/clear_refs``);
-    returns whether it could."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _fresh_state(device_type: str) -> None:
     """Leave nothing of an earlier row in this process: compiled graphs (and Dynamo's recompile counts), CUDA-graph
     pools, cached blocks and the peak statistics (on a CPU the peak RSS, where Linux lets it be reset). Needed
@@ -452,10 +440,10 @@ def _fresh_state(device_type: str) -> None:
 
     import torch
 
+    from fastflow.device import reset_peak_memory
+
     gc.collect()
     torch._dynamo.reset()
-    if device_type != "cuda":
-        reset_peak_rss()
     if device_type == "cuda":
         try:  # torch._dynamo.reset frees the CUDA-graph trees only in newer torch
             from torch._inductor.cudagraph_trees import reset_cudagraph_trees
@@ -466,7 +454,7 @@ def _fresh_state(device_type: str) -> None:
         gc.collect()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(torch.device(device_type))
 
 
 def run_row(spec: dict) -> list[dict]:

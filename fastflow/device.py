@@ -20,6 +20,7 @@ __all__ = [
     "configure_backends",
     "synchronize",
     "peak_memory_mb",
+    "reset_peak_memory",
     "device_name",
 ]
 
@@ -148,8 +149,23 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak that :func:`peak_memory_mb` reports again from now: torch's allocator peak on CUDA; on a CPU
+    the process's peak RSS (ru_maxrss), through ``/proc/self/clear_refs`` where Linux has it (elsewhere the peak
+    stays the process's)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak resident set size to the current one
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    """Peak memory so far: torch's allocator peak and NVML's used memory on CUDA, peak RSS on CPU."""
+    """Peak memory since the start or the last :func:`reset_peak_memory`: torch's allocator peak and NVML's used
+    memory on CUDA, peak RSS on CPU."""
     if device.type == "cuda":
         out = {"torch_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
         try:
