@@ -173,8 +173,25 @@ class TrainConfig:
     mf_guidance: float = setting(
         1.0,
         "meanflow: guidance w inside training (the paper's guided target ṽ = w·(z − ε) + (1 − w)·u(x_t, t, t | no "
-        "label) for images that kept their label); sample such a model at --guidance 1 (1: off)",
+        "label) for images that kept their label; with --mf-distill the teacher's w, in [0.2, 0.7]); sample such "
+        "a model at --guidance 1 (1: off)",
         check=FINITE,
+    )
+    mf_distill: int = setting(
+        0,
+        "meanflow with --init-from: learn u from that model's own trajectories, not from MNIST: "
+        "--mf-distill-trajectories of K midpoint steps, guided at --mf-guidance in [0.2, 0.7], made at the start "
+        "of the run (inside --time-budget; made again by --resume); the states at any two of their times t < s "
+        "give u = (x_s − x_t)/(s − t) exactly, the loss is the squared error to it (weighted by --mf-adaptive-p; no "
+        "JVP; --mf-equal-share and --mf-time-* unused), no label is dropped; 0: off "
+        "(README, 'MeanFlow')",
+        check=NONNEG,
+    )
+    mf_distill_trajectories: int = setting(
+        16384, "--mf-distill: trajectories to make, all processes together (rounded up to 256s)", check=POSITIVE
+    )
+    mf_distill_long: float = setting(
+        0.7, "--mf-distill: share of pairs that are the whole path (t, s) = (0, 1), the one jump", check=UNIT_CLOSED
     )
     init_from: str = setting(
         "",
@@ -346,6 +363,10 @@ def validate(mcfg: ModelConfig, tcfg: TrainConfig) -> None:
         )
     if tcfg.init_from and not meanflow:
         raise UserError("--init-from starts a MeanFlow run from a checkpoint: it needs --objective meanflow")
+    if tcfg.mf_distill and not (meanflow and tcfg.init_from):
+        raise UserError(
+            "--mf-distill learns from a teacher's trajectories: it needs --objective meanflow and --init-from"
+        )
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:

@@ -197,11 +197,12 @@ def check_batch_split(batch_size: int, processes: int) -> None:
 
 
 class DeviceLoader:
-    """The whole set on the training device as uint8; each epoch a seeded random permutation.
+    """The whole set on the training device (uint8 images, or float items); each epoch a seeded random permutation.
 
     Batches are ``(z, y)`` with ``z`` of shape [B, 1, 28, 28] scaled to [-1, 1] on the fly (float32) and ``y``
-    of shape [B] int64. No worker processes. The order of epoch ``e`` depends only on ``(seed, e)``, so a run
-    can resume mid-epoch from ``(epoch, position)``. With ``world_size > 1`` each rank takes its contiguous
+    of shape [B] int64; float items (MeanFlow distillation's trajectories) are yielded as they are. No worker
+    processes. The order of epoch ``e`` depends only on ``(seed, e)``, so a run can resume mid-epoch from
+    ``(epoch, position)``. With ``world_size > 1`` each rank takes its contiguous
     share of every global batch: the global order is the same whatever the number of ranks.
     """
 
@@ -221,7 +222,8 @@ class DeviceLoader:
         check_batch_split(batch_size, world_size)
         if drop_last and batch_size > len(images):
             raise UserError(f"--batch-size {batch_size} is larger than the {len(images)} training images")
-        self.images = images.to(device=device, dtype=torch.uint8)  # [N, 28, 28]
+        self.scale = not images.is_floating_point()  # uint8 pixels, scaled per batch; float items as they are
+        self.images = images.to(device=device, dtype=torch.uint8 if self.scale else images.dtype)  # [N, 28, 28]
         self.labels = labels.to(device=device, dtype=torch.int64)  # [N]
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
         self.rank, self.world_size = rank, world_size
@@ -243,5 +245,8 @@ class DeviceLoader:
             idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
             if self.world_size > 1:
                 idx = idx[self.rank * local : (self.rank + 1) * local]
+            if not self.scale:
+                yield self.images[idx], self.labels[idx]
+                continue
             z = self.images[idx].unsqueeze(1).float().div_(127.5).sub_(1.0)  # [B, 1, 28, 28] in [-1, 1]
             yield z, self.labels[idx]

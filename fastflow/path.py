@@ -10,6 +10,11 @@ that x_s = x_t + (s − t)·u and one jump x_1 = x_0 + u(x_0, 0, 1) is a sample.
 derivative along the trajectory: one forward-mode JVP of the network with tangents (v, 1, 0) for (x, t, s). The
 training target is that right-hand side with the network's own du/dt, detached. (The paper's time runs the
 other way, data at 0: its u = v − (t − r)·du/dt is the same identity.)
+
+MeanFlow distillation (``--mf-distill K``): a teacher flow-matching model's own trajectories, its states at the
+K + 1 times of a uniform grid, give the average velocity of the teacher's flow between any two of those times
+exactly, u(x_tᵢ, tᵢ, tⱼ) = (x_tⱼ − x_tᵢ)/(tⱼ − tᵢ) (:func:`trajectory_pairs`); the loss is the plain MSE to it
+(:func:`average_velocity_loss`): no JVP, and the long jumps are taught directly, not bootstrapped from short ones.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ __all__ = [
     "MeanFlowSettings",
     "meanflow_target",
     "meanflow_loss",
+    "grid_pairs",
+    "trajectory_pairs",
+    "average_velocity_loss",
     "NO_LABEL",
 ]
 
@@ -86,11 +94,13 @@ class MeanFlowSettings:
         step); 1: off.
     adaptive_p, adaptive_c: the per-image loss weight 1/(|Δ|² + c)^p, detached (|Δ|² the image's mean squared
         error); p = 0: plain MSE.
+    distill: the loss is :func:`average_velocity_loss` on a teacher's trajectories instead (the others unused).
     """
 
     guidance: float = 1.0
     adaptive_p: float = 1.0
     adaptive_c: float = 1e-3
+    distill: bool = False
 
 
 def _no_autocast(device: torch.device):
@@ -141,9 +151,60 @@ def meanflow_loss(
     target, _ = meanflow_target(model, x_t, t, s, y, v)  # [B, 1, 28, 28] fp32, detached
     with ctx:
         u = model(x_t, t, y, s)
-    per_image = (u.float() - target).pow(2).mean(dim=(1, 2, 3))  # [B] fp32
+    return _adaptive((u.float() - target).pow(2).mean(dim=(1, 2, 3)), settings)  # per image: [B] fp32
+
+
+def _adaptive(per_image: torch.Tensor, settings: MeanFlowSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, mse)`` from the per-image mean squared errors [B]: the loss adaptively weighted by
+    1/(|Δ|² + c)^p (detached; p = 0: the plain mean), the mse plain and detached."""
     mse = per_image.mean()
     if settings.adaptive_p == 0:
         return mse, mse.detach()
     weight = (per_image.detach() + settings.adaptive_c).pow(-settings.adaptive_p)  # [B]
     return (weight * per_image).mean(), mse.detach()
+
+
+def grid_pairs(
+    batch: int, k: int, long_share: float, generator: torch.Generator | None, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (i, j), each of shape (batch,), i < j, into the k + 1 states of a trajectory: (0, k), the whole
+    path that one jump takes, in a share ``long_share``; otherwise one of the other k(k + 1)/2 − 1 pairs,
+    uniformly (for k = 1, (0, 1) always). Two draws from ``generator``: the share mask, then the pair."""
+    pairs = torch.tensor([(i, j) for i in range(k + 1) for j in range(i + 1, k + 1) if (i, j) != (0, k)] or [(0, k)])
+    long = torch.rand(batch, generator=generator, device=device) < long_share  # [B]
+    pick = torch.randint(0, len(pairs), (batch,), generator=generator, device=device)  # [B]
+    ij = pairs.to(device)[pick]  # [B, 2]
+    whole = torch.tensor([0, k], device=device)
+    ij = torch.where(long[:, None], whole, ij)
+    return ij[:, 0], ij[:, 1]
+
+
+def trajectory_pairs(
+    states: torch.Tensor, times: torch.Tensor, i: torch.Tensor, j: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From trajectories ``states`` (B, k + 1, ...) fp32 at ``times`` (k + 1,), for each row b the pair of states
+    i_b < j_b: returns ``(x, t, s, u)`` with x = states[b, i_b] (B, ...), t = times[i], s = times[j] (B,) and the
+    average velocity between them u = (states[b, j_b] − x)/(s − t) (B, ...) fp32: the target of the jump."""
+    rows = torch.arange(len(states), device=states.device)
+    x, x_s = states[rows, i], states[rows, j]  # [B, ...] each
+    t, s = times[i], times[j]  # [B] each
+    u = (x_s - x) / (s - t).view(-1, *(1,) * (x.dim() - 1))
+    return x, t, s, u
+
+
+def average_velocity_loss(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    t: torch.Tensor,
+    s: torch.Tensor,
+    u: torch.Tensor,
+    ctx,
+    settings: MeanFlowSettings = MeanFlowSettings(adaptive_p=0.0),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MeanFlow distillation's loss: the squared error between u_θ(x, t, s, y) and the target average velocity
+    ``u`` (:func:`trajectory_pairs`), with MeanFlow's adaptive weight (``settings.adaptive_p``; 0: plain MSE).
+    x, u (B, 1, 28, 28) fp32; t < s (B,); y (B,) int64. Returns ``(loss, mse)`` as :func:`meanflow_loss`."""
+    with ctx:
+        pred = model(x, t, y, s)
+    return _adaptive((pred.float() - u).pow(2).flatten(1).mean(dim=1), settings)

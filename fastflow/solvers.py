@@ -221,8 +221,10 @@ def integrate(
     grid: torch.Tensor,
     solver: str = "euler",
     plan: Plan | None = None,
+    states: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Integrate dx/dt = field(x, t) over ``grid`` (fp32, increasing). ``x`` is updated in place and returned.
+    ``states``: a list to append a copy of x at every grid time to (the start included): the trajectory.
 
     ``field`` takes x [B, ...] and a 0-d time and returns dx/dt (fp32). A :class:`GuidedField` also takes, per
     stage, whether the stage lies in its guidance interval: from ``plan`` (per step, per stage; the compiled
@@ -236,6 +238,8 @@ def integrate(
     guided_field = isinstance(field, GuidedField)
     if guided_field and plan is None:
         plan = field.plan(grid, solver)
+    if states is not None:
+        states.append(x.clone())
     for i in range(len(grid) - 1):
         t, h = grid[i], grid[i + 1] - grid[i]  # 0-d tensors: no recompiles, no host sync
         fl = plan[i] if guided_field else None  # per stage: inside the guidance interval?
@@ -260,6 +264,8 @@ def integrate(
             k3 = _at(field, x + 0.5 * h * k2, t + 0.5 * h, fl, 2)
             k4 = _at(field, x + h * k3, t + h, fl, 3)
             kernels.euler_step_(x, (k1 + 2 * k2 + 2 * k3 + k4) / 6.0, h)
+        if states is not None:
+            states.append(x.clone())
     return x
 
 

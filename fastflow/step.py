@@ -32,7 +32,8 @@ the graph, so every mode consumes exactly the same random numbers. Nothing in th
 host.
 
 The loss is flow matching's, or with ``meanflow`` settings MeanFlow's (:func:`fastflow.path.meanflow_loss`): its
-forward-mode JVP runs inside the same function, so it is compiled (and captured) with the rest of the step.
+forward-mode JVP runs inside the same function, so it is compiled (and captured) with the rest of the step; or
+MeanFlow distillation's squared error to a teacher's average velocity (:func:`fastflow.path.average_velocity_loss`).
 """
 
 from __future__ import annotations
@@ -133,8 +134,10 @@ class TrainStep:
         meanflow: train ``model`` (a mean-flow U-Net) with MeanFlow's loss and these settings; None: flow matching.
 
     Call with z, eps [B, 1, 28, 28] fp32, y [B] int64 (labels already dropped), t [B] fp32, the learning rate
-    as a Python float, and for MeanFlow s [B] fp32 (s ≥ t). Returns the loss, 0-d fp32, on the device, not
-    synchronised: for MeanFlow the plain MSE to its target (the adaptive weighting shapes only the gradient).
+    as a Python float, and for MeanFlow s [B] fp32 (s ≥ t). With ``meanflow.distill`` z is a teacher's state at t
+    and eps the target average velocity from t to s (:func:`fastflow.path.trajectory_pairs`). Returns the loss,
+    0-d fp32, on the device, not synchronised: for MeanFlow the plain MSE to its target (the adaptive weighting
+    shapes only the gradient).
     """
 
     def __init__(
@@ -174,6 +177,8 @@ class TrainStep:
 
         if self.meanflow is None:
             loss = shown = fm.flow_matching_loss(self.model, z, y, t, eps, self.ctx)  # 0-d fp32
+        elif self.meanflow.distill:  # z: a teacher's state at t, eps: its average velocity from t to s
+            loss, shown = fm.average_velocity_loss(self.model, z, y, t, s, eps, self.ctx, self.meanflow)  # 0-d each
         else:
             loss, shown = fm.meanflow_loss(self.model, z, y, t, s, eps, self.ctx, self.meanflow)  # 0-d fp32 each
         grads = list(torch.autograd.grad(loss, self.params))

@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 which = trainer.init_from(init[0])
                 if dist.is_main:
                     print(f"--init-from: starting at step 0 from the {which}; new optimizer")
+            if cfg.mf_distill:  # validate() made sure of --init-from
+                trainer.set_teacher(init[0])
             _install_signal_handlers(trainer)
             trainer.stop_requested = trainer.stop_requested or early.stop_requested
             return trainer.fit()

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from . import path as fm
-from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, load_weights_into, save_checkpoint
+from .checkpoint import Checkpoint, build_model, has_checkpoint, load_checkpoint, load_weights_into, save_checkpoint
 from .config import ModelConfig, TrainConfig, resume_free
 from .data import DeviceLoader, MNISTArrays, load_mnist
 from .device import autocast, configure_backends, describe_amp, resolve_amp, synchronize
@@ -21,7 +21,8 @@ from .distributed import Dist, all_reduce_sum, barrier, broadcast_module, local_
 from .ema import EMA
 from .errors import TrainingDiverged, UserError
 from .io import atomic_save, atomic_write_text, fault
-from .solvers import sample
+from .sampling_args import DEFAULT_INTERVAL
+from .solvers import GuidedField, initial_noise, integrate, sample, stage_plan, time_grid
 from .step import TrainStep, make_optimizer, place_adamw_state, resolve_mode
 from .unet import UNet, count_parameters
 
@@ -32,6 +33,7 @@ _clock = time.perf_counter  # the loop's only clock (tests replace it)
 # compilation and warm caches, and that time counts against the budget all the same).
 PROBE = (5, 25)
 UNPLANNED = 10**9  # the step count until a time budget is planned (the lr schedule is then ~flat)
+TRAJECTORY_CHUNK = 256  # --mf-distill: trajectories made per teacher call, each chunk from its own seed
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -106,6 +108,7 @@ class Trainer:
         device: where to train (under torchrun, this rank's device).
         dist: this process's place in a torchrun job.
         data: the training set (uint8 images [N, 28, 28], labels [N]); None reads MNIST from ``cfg.data_root``.
+            Unused with ``--mf-distill``, which trains on a teacher's trajectories (:meth:`set_teacher`).
     """
 
     def __init__(
@@ -117,16 +120,28 @@ class Trainer:
         self.amp_dtype = resolve_amp(cfg.amp, device)
         self.ctx = autocast(device, self.amp_dtype)
 
-        if data is None:
-            with local_main_first(dist):  # one offline rebuild / download per machine, not one per rank
-                data = load_mnist(cfg.data_root, train=True, verbose=dist.is_main)
-        data = MNISTArrays(data.images[: cfg.subset or None], data.labels[: cfg.subset or None])
-        self.loader = DeviceLoader(
-            data.images, data.labels, cfg.batch_size, cfg.seed, device, rank=dist.rank, world_size=dist.world_size
-        )
+        # --mf-distill: the data are the teacher's trajectories, made at the start of fit() (make_trajectories).
+        self.distill = cfg.objective == "meanflow" and cfg.mf_distill > 0
+        self.teacher: torch.nn.Module | None = None
+        self.loader: DeviceLoader | None = None
+        if self.distill:
+            n = -(-cfg.mf_distill_trajectories // TRAJECTORY_CHUNK) * TRAJECTORY_CHUNK
+            if cfg.batch_size > n:
+                raise UserError(f"--batch-size {cfg.batch_size} is larger than the {n} trajectories")
+            epoch_len = n // cfg.batch_size
+            self.grid = time_grid(cfg.mf_distill, device=device)  # the trajectories' times
+        else:
+            if data is None:
+                with local_main_first(dist):  # one offline rebuild / download per machine, not one per rank
+                    data = load_mnist(cfg.data_root, train=True, verbose=dist.is_main)
+            data = MNISTArrays(data.images[: cfg.subset or None], data.labels[: cfg.subset or None])
+            self.loader = DeviceLoader(
+                data.images, data.labels, cfg.batch_size, cfg.seed, device, rank=dist.rank, world_size=dist.world_size
+            )
+            epoch_len = len(self.loader)
         # With --time-budget the step count is planned in fit() from the measured rate (and saved).
         self.planned_steps: int | None = None
-        self.total_steps = UNPLANNED if cfg.time_budget else cfg.num_epochs * len(self.loader)
+        self.total_steps = UNPLANNED if cfg.time_budget else cfg.num_epochs * epoch_len
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
@@ -138,7 +153,7 @@ class Trainer:
         self.mode = resolve_mode(cfg.compile, cfg.cuda_graphs, device)
         meanflow = None
         if cfg.objective == "meanflow":
-            meanflow = fm.MeanFlowSettings(guidance=cfg.mf_guidance, adaptive_p=cfg.mf_adaptive_p)
+            meanflow = fm.MeanFlowSettings(guidance=cfg.mf_guidance, adaptive_p=cfg.mf_adaptive_p, distill=self.distill)
         # An explicit --compile that fails is an error; the CUDA default falls back to eager with one line.
         self.train_fn = TrainStep(
             self.model,
@@ -215,6 +230,49 @@ class Trainer:
             self.ema.shadow.load_state_dict(self.model.state_dict())
         return f"{which} weights of {ck.path} (step {ck.step}, objective {ck.objective})"
 
+    def set_teacher(self, ck: Checkpoint) -> None:
+        """``--mf-distill``: the flow-matching model whose trajectories the run learns from (``--init-from``'s
+        checkpoint, its EMA weights where saved; also on ``--resume``, which makes the trajectories again)."""
+        if ck.model_cfg.mean_flow:
+            raise UserError(f"--mf-distill: {ck.path} holds a MeanFlow model; the teacher must be a flow-matching one")
+        self.teacher = build_model(ck).to(self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def make_trajectories(self) -> None:
+        """``--mf-distill``: the teacher's trajectories, its states at the ``mf_distill + 1`` times of a uniform
+        grid by that many midpoint steps, guided at ``mf_guidance`` in [0.2, 0.7], and the loader over them.
+
+        Made in chunks of 256, chunk c from noise and labels of its own seed, the chunks shared out over the
+        ranks and summed into every rank's copy (one all-reduce): the set is the same for any number of ranks,
+        and a resumed run makes it again, the same."""
+        cfg, dist, k = self.cfg, self.dist, self.cfg.mf_distill
+        if self.teacher is None:
+            raise RuntimeError("make_trajectories needs set_teacher first")
+        t0 = _clock()
+        n = -(-cfg.mf_distill_trajectories // TRAJECTORY_CHUNK) * TRAJECTORY_CHUNK
+        states = torch.zeros((n, k + 1, self.mcfg.in_channels, 28, 28), device=self.device)  # [N, k + 1, 1, 28, 28]
+        labels = torch.zeros(n, dtype=torch.int64, device=self.device)
+        plan = stage_plan(self.grid, "midpoint", DEFAULT_INTERVAL)
+        for c in range(dist.rank, n // TRAJECTORY_CHUNK, dist.world_size):
+            g = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + c)
+            y = torch.randint(0, self.mcfg.num_classes, (TRAJECTORY_CHUNK,), generator=g, device=self.device)
+            x = initial_noise(y, tuple(states.shape[2:]), g)
+            field = GuidedField(self.teacher, y, cfg.mf_guidance, self.ctx, DEFAULT_INTERVAL)
+            out: list[torch.Tensor] = []
+            integrate(field, x, self.grid, "midpoint", plan, states=out)
+            rows = slice(c * TRAJECTORY_CHUNK, (c + 1) * TRAJECTORY_CHUNK)
+            states[rows], labels[rows] = torch.stack(out, 1), y
+        all_reduce_sum(states, dist)  # each row is non-zero on one rank only: the sum is that rank's row, exactly
+        all_reduce_sum(labels, dist)
+        self.loader = DeviceLoader(
+            states, labels, cfg.batch_size, cfg.seed, self.device, rank=dist.rank, world_size=dist.world_size
+        )
+        if dist.is_main:
+            tqdm.write(
+                f"--mf-distill: {n} trajectories of the teacher ({k} midpoint steps, w = {cfg.mf_guidance:g} in "
+                f"[{DEFAULT_INTERVAL[0]:g}, {DEFAULT_INTERVAL[1]:g}]) in {_clock() - t0:.1f} s"
+            )
+
     def resume(self) -> bool:
         """Load ``model_dir`` if it holds a checkpoint; refuse one trained with another model config."""
         d = self.model_dir
@@ -271,6 +329,12 @@ class Trainer:
         # global batch, up to fp32 summation order. One process: n = b, lo = 0, the draws are unchanged.
         cfg = self.cfg
         n, lo = b * self.dist.world_size, b * self.dist.rank
+        if self.distill:  # z: trajectories [B, k + 1, 1, 28, 28]; a pair of their states, labels kept
+            i, j = fm.grid_pairs(n, cfg.mf_distill, cfg.mf_distill_long, self.gen, self.device)
+            x, t, s, u = fm.trajectory_pairs(z, self.grid, i[lo : lo + b], j[lo : lo + b])
+            loss = self.train_fn(x, y, t, u, self.lr, s)
+            self.step += 1
+            return loss
         s = None
         if cfg.objective == "meanflow":  # (t, s) with t ≤ s, s = t in a share mf_equal_share
             t, s = fm.sample_time_pair(n, cfg.mf_time_mean, cfg.mf_time_std, cfg.mf_equal_share, self.gen, self.device)
@@ -418,6 +482,9 @@ class Trainer:
         replanning = False  # from the first plan on; a resumed run keeps its saved plan
         probe = (self.step + PROBE[0], self.step + PROBE[1])  # steps, counted from this run's start
         batches, stopped = None, False
+        if self.distill and self.loader is None:
+            self.make_trajectories()  # inside the time budget: t_start is before it
+            t_window = _clock()  # the first window's img/s counts training steps only
         while not stopped and self.step < self.total_steps:
             if batches is None:  # the epoch's permutation, from the saved position on
                 batches = self.loader.epoch(self.epoch, self.batch_in_epoch)

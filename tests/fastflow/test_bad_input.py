@@ -75,6 +75,7 @@ CASES = [
     Case("T24", "train", ["--objective", "meanflow", "--init-from", "{model}", "--channels", "8,16,32"], "its model config is the run's; --channels would change it"),
     Case("T25", "train", ["--resume", "--objective", "meanflow"], "holds another model: objective flow (flags: meanflow)"),
     Case("T26", "train", ["--procs", "2", "--batch-size", "15"], "--batch-size 15 does not divide evenly across 2 processes"),
+    Case("T27", "train", ["--objective", "meanflow", "--mf-distill", "2"], "--mf-distill learns from a teacher's trajectories: it needs --objective meanflow and --init-from"),
     # fastflow.sample
     Case("S1", "sample", ["--digits", "10"], "--digits: '10' is outside 0-9"),
     Case("S2", "sample", ["--digits", "seven"], "--digits: 'seven' is not a digit"),
