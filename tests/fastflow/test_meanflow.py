@@ -254,12 +254,14 @@ def _batches(n: int, b: int = 16):
 
 
 SETTINGS = MeanFlowSettings(guidance=2.0, adaptive_p=1.0)
+# --mf-distill's loss through the same step: z is read as a state x_t, eps as the target average velocity
+DISTILL = MeanFlowSettings(adaptive_p=1.0, distill=True)
 LRS = (1e-3, 2e-3, 3e-3)
 
 
-def _run(mode: str, backend: str = "inductor"):
+def _run(mode: str, backend: str = "inductor", settings: MeanFlowSettings = SETTINGS):
     model, opt, ema = _parts()
-    step = TrainStep(model, opt, ema, mode=mode, backend=backend, meanflow=SETTINGS)
+    step = TrainStep(model, opt, ema, mode=mode, backend=backend, meanflow=settings)
     losses = torch.stack([step(z, y, t, eps, lr, s) for (z, y, t, eps, s), lr in zip(_batches(3), LRS)])
     return step, model, ema, losses
 
@@ -270,14 +272,16 @@ def _run(mode: str, backend: str = "inductor"):
 BACKENDS = ["aot_eager"] + (["inductor"] if os.environ.get("FASTFLOW_TEST_INDUCTOR") == "1" else [])
 
 
+@pytest.mark.parametrize("settings", [SETTINGS, DISTILL], ids=["meanflow", "distill"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_meanflow_step_matches_eager(backend):
-    """The one step, with the JVP, guidance and adaptive weights, compiled as one graph without breaks; within
-    test_step.py's compiled-vs-eager bounds (first loss rtol 1e-5; every weight within 2% of Σlr)."""
-    _, m_ref, ema_ref, loss_ref = _run("eager")
+def test_compiled_meanflow_step_matches_eager(backend, settings):
+    """The one step, with the JVP, guidance and adaptive weights (or distillation's loss), compiled as one graph
+    without breaks; within test_step.py's compiled-vs-eager bounds (first loss rtol 1e-5; every weight within 2% of
+    Σlr)."""
+    _, m_ref, ema_ref, loss_ref = _run("eager", settings=settings)
     torch._dynamo.reset()
     counters.clear()
-    step, model, ema, losses = _run("compile", backend)
+    step, model, ema, losses = _run("compile", backend, settings)
     assert step.mode == "compile"
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
