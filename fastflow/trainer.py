@@ -125,7 +125,7 @@ class Trainer:
         self.teacher: torch.nn.Module | None = None
         self.loader: DeviceLoader | None = None
         if self.distill:
-            n = -(-cfg.mf_distill_trajectories // TRAJECTORY_CHUNK) * TRAJECTORY_CHUNK
+            n = self.num_trajectories = -(-cfg.mf_distill_trajectories // TRAJECTORY_CHUNK) * TRAJECTORY_CHUNK
             if cfg.batch_size > n:
                 raise UserError(f"--batch-size {cfg.batch_size} is larger than the {n} trajectories")
             epoch_len = n // cfg.batch_size
@@ -249,7 +249,7 @@ class Trainer:
         if self.teacher is None:
             raise RuntimeError("make_trajectories needs set_teacher first")
         t0 = _clock()
-        n = -(-cfg.mf_distill_trajectories // TRAJECTORY_CHUNK) * TRAJECTORY_CHUNK
+        n = self.num_trajectories  # a multiple of TRAJECTORY_CHUNK
         states = torch.zeros((n, k + 1, self.mcfg.in_channels, 28, 28), device=self.device)  # [N, k + 1, 1, 28, 28]
         labels = torch.zeros(n, dtype=torch.int64, device=self.device)
         plan = stage_plan(self.grid, "midpoint", DEFAULT_INTERVAL)

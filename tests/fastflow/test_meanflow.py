@@ -18,6 +18,11 @@ import os
 
 import pytest
 import torch
+from gaussian_path import MU, SIGMA
+from gaussian_path import m as _m
+from gaussian_path import sd as _sd
+from gaussian_path import u as _u
+from gaussian_path import v as _v
 from torch._dynamo.utils import counters
 
 from fastflow import path as fm
@@ -32,28 +37,8 @@ from fastflow.step import TrainStep, make_optimizer
 from fastflow.trainer import Trainer, init_checkpoint
 from fastflow.unet import UNet
 
-MU, SIGMA = 0.7, 0.5
 MICRO = ModelConfig(channels=(4,), emb_dim=8, groups=1, mean_flow=True)  # test_step.py's smallest U-Net
 TINY = ModelConfig(**{**PRESETS["tiny"][0], "mean_flow": True})
-
-
-def _m(t):
-    return t * MU
-
-
-def _sd(t):
-    return torch.sqrt(t * t * SIGMA**2 + (1 - t) ** 2)
-
-
-def _v(x, t):
-    """The marginal field: m'(t) + sd'(t)/sd(t)·(x − m(t))."""
-    dsd = (t * SIGMA**2 - (1 - t)) / _sd(t)
-    return MU + dsd / _sd(t) * (x - _m(t))
-
-
-def _u(x, t, s):
-    """The exact average velocity over [t, s], s > t."""
-    return (_m(s) - _m(t) + (_sd(s) / _sd(t) - 1) * (x - _m(t))) / (s - t)
 
 
 class Gaussian(torch.nn.Module):

@@ -2,10 +2,9 @@
 against the closed form of a Gaussian path, the pairs drawn, the trajectories the trainer makes against the
 sampler's own run of the teacher, a resumed run bit for bit, and the refusals.
 
-The closed form (as in test_meanflow.py): 1-D data z ~ N(μ, σ²), noise ε ~ N(0, 1); the flow keeps each point's
-standard score, x_s = m(s) + sd(s)/sd(t)·(x_t − m(t)) with m(t) = t·μ, sd(t)² = t²σ² + (1 − t)², and the exact
-average velocity over [t, s] is (x_s − x_t)/(s − t). The path is curved, so u(x, t, s) differs from v(x, t) by O(1)
-and a pair taken the wrong way round (or divided by the wrong gap) is far off.
+The closed form is gaussian_path.py's (as test_meanflow.py's): u there is written from the formula, not as the
+difference (x_s − x_t)/(s − t) of two states. The path is curved, so u(x, t, s) differs from v(x, t) by O(1) and a
+pair taken the wrong way round (or divided by the wrong gap) is far off.
 """
 
 from __future__ import annotations
@@ -14,6 +13,9 @@ import contextlib
 
 import pytest
 import torch
+from gaussian_path import flow as _flow
+from gaussian_path import u as _u
+from gaussian_path import v as _v
 
 from fastflow import path as fm
 from fastflow.checkpoint import load_checkpoint, save_checkpoint
@@ -24,27 +26,8 @@ from fastflow.solvers import initial_noise, integrate, sample, time_grid, to_uni
 from fastflow.trainer import TRAJECTORY_CHUNK, Trainer, init_checkpoint
 from fastflow.unet import UNet
 
-MU, SIGMA = 0.7, 0.5
 FLOW = ModelConfig(**PRESETS["tiny"][0])
 TINY_MF = ModelConfig(**{**PRESETS["tiny"][0], "mean_flow": True})
-
-
-def _m(t):
-    return t * MU
-
-
-def _sd(t):
-    return torch.sqrt(t * t * SIGMA**2 + (1 - t) ** 2)
-
-
-def _flow(x0, t):
-    """x_t of the exact flow from x_0 (t = 0, where m = 0 and sd = 1)."""
-    return _m(t) + _sd(t) * x0
-
-
-def _u(x, t, s):
-    """The exact average velocity over [t, s] from x at t, written from the closed form, not as a difference."""
-    return (_m(s) - _m(t) + (_sd(s) / _sd(t) - 1) * (x - _m(t))) / (s - t)
 
 
 def test_trajectory_pairs_give_the_exact_average_velocity():
@@ -58,8 +41,7 @@ def test_trajectory_pairs_give_the_exact_average_velocity():
     want = _u(x, t.view(-1, 1), s.view(-1, 1))
     torch.testing.assert_close(u, want, rtol=1e-10, atol=1e-10)
     # curved: the average velocity is not the instantaneous one, so a wrong pair or gap would show
-    v = MU + (t.view(-1, 1) * SIGMA**2 - (1 - t.view(-1, 1))) / _sd(t.view(-1, 1)) ** 2 * (x - _m(t.view(-1, 1)))
-    assert float((u - v).abs().max()) > 0.1
+    assert float((u - _v(x, t.view(-1, 1))).abs().max()) > 0.1
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
@@ -154,12 +136,10 @@ def test_trajectories_are_the_teachers_guided_midpoint_runs(tmp_path):
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003)
     y = torch.randint(0, 10, (TRAJECTORY_CHUNK,), generator=g)
     assert torch.equal(labels, y)
-    g0 = torch.Generator().manual_seed(cfg.seed * 1_000_003)
-    torch.randint(0, 10, (TRAJECTORY_CHUNK,), generator=g0)
-    assert torch.equal(states[:, 0], initial_noise(y, (1, 28, 28), g0))
-    g1 = torch.Generator().manual_seed(cfg.seed * 1_000_003)
-    torch.randint(0, 10, (TRAJECTORY_CHUNK,), generator=g1)
-    images, nfe = sample(teacher, y, 2, solver="midpoint", guidance=2.0, interval=DEFAULT_INTERVAL, generator=g1)
+    after_labels = g.get_state()
+    assert torch.equal(states[:, 0], initial_noise(y, (1, 28, 28), g))
+    g.set_state(after_labels)
+    images, nfe = sample(teacher, y, 2, solver="midpoint", guidance=2.0, interval=DEFAULT_INTERVAL, generator=g)
     assert nfe == 6  # stages at 0, 0.25, 0.5, 0.75: the middle two guided
     torch.testing.assert_close(to_unit(states[:, -1].clone()), images, rtol=0, atol=1e-6)
     assert float((states[:, 1] - states[:, 0]).abs().mean()) > 0.01  # the teacher moved them
