@@ -223,7 +223,8 @@ class DeviceLoader:
         if drop_last and batch_size > len(images):
             raise UserError(f"--batch-size {batch_size} is larger than the {len(images)} training images")
         self.scale = not images.is_floating_point()  # uint8 pixels, scaled per batch; float items as they are
-        self.images = images.to(device=device, dtype=torch.uint8 if self.scale else images.dtype)  # [N, 28, 28]
+        # [N, 28, 28] uint8; float items keep their shape, [N, ...]
+        self.images = images.to(device=device, dtype=torch.uint8 if self.scale else images.dtype)
         self.labels = labels.to(device=device, dtype=torch.int64)  # [N]
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
         self.rank, self.world_size = rank, world_size

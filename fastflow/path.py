@@ -13,8 +13,9 @@ other way, data at 0: its u = v − (t − r)·du/dt is the same identity.)
 
 MeanFlow distillation (``--mf-distill K``): a teacher flow-matching model's own trajectories, its states at the
 K + 1 times of a uniform grid, give the average velocity of the teacher's flow between any two of those times
-exactly, u(x_tᵢ, tᵢ, tⱼ) = (x_tⱼ − x_tᵢ)/(tⱼ − tᵢ) (:func:`trajectory_pairs`); the loss is the plain MSE to it
-(:func:`average_velocity_loss`): no JVP, and the long jumps are taught directly, not bootstrapped from short ones.
+exactly, u(x_tᵢ, tᵢ, tⱼ) = (x_tⱼ − x_tᵢ)/(tⱼ − tᵢ) (:func:`trajectory_pairs`); the loss is the squared error to it
+with MeanFlow's adaptive weight (:func:`average_velocity_loss`): no JVP, and the long jumps are taught directly, not
+bootstrapped from short ones.
 """
 
 from __future__ import annotations
