@@ -96,11 +96,15 @@ class CompiledSampler:
         self.cuda_graphs, self.batch_size, self.backend = cuda_graphs, batch_size, backend
         self._graphs: dict[tuple, tuple] = {}
 
-        def step(x: torch.Tensor, labels: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, inside: tuple):
+        def step(x: torch.Tensor, labels: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, inside: tuple, prev=None):
             """x [B, ...] fp32, advanced in place from time t0 to t1 (0-d tensors); ``inside``: per stage,
-            whether it lies in the guidance interval (a Python constant: one graph per pattern)."""
+            whether it lies in the guidance interval (a Python constant: one graph per pattern). ``prev``: what
+            a multistep solver carries from the step before (ab2: its derivative and step size; None at the first
+            step, a graph of its own). Returns (x, what to pass as ``prev`` to the next step)."""
             field = GuidedField(self.model, labels, self.guidance, self.ctx, self.interval)
-            return integrate(field, x, torch.stack((t0, t1)), self.solver, [inside])
+            memory = [] if prev is None else [prev]
+            x = integrate(field, x, torch.stack((t0, t1)), self.solver, [inside], memory=memory)
+            return x, (memory[0] if memory else None)
 
         self._step_fn, self._freeze = step, freeze
         self._step: Callable | None = None  # compiled at the first call, when the device is known
@@ -123,9 +127,9 @@ class CompiledSampler:
         return plan_nfe(self.plan(steps), self.guidance)
 
     def _loop(self, x: torch.Tensor, labels: torch.Tensor, ts: torch.Tensor, plan) -> torch.Tensor:
-        step = self._stepper(x.device)
+        step, prev = self._stepper(x.device), None
         for i in range(len(ts) - 1):
-            x = step(x, labels, ts[i], ts[i + 1], plan[i])
+            x, prev = step(x, labels, ts[i], ts[i + 1], plan[i], prev)
         return x
 
     def _graph(self, batch: int, steps: int, shape: tuple[int, ...], device: torch.device):

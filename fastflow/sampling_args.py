@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .solvers import GRIDS, SOLVERS, Interval, check_interval, sample_nfe, steps_for_nfe
+from .solvers import GRIDS, ODE_SOLVERS, SOLVERS, Interval, check_interval, sample_nfe, steps_for_nfe
 
 __all__ = [
     "Flag",
@@ -129,8 +129,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--checkpoint", "checkpoint folder (default: model)", default="model"),
     Flag(
         "--solver",
-        f"solver, from {','.join(SOLVERS)}: an ODE solver, or meanflow, the jumps x + h·u(x, t, t + h) of a model "
-        "trained with the meanflow objective (1 NFE a step) (default: euler)",
+        f"solver, from {','.join(SOLVERS)}: an ODE solver (ab2: Adams-Bashforth 2, second order at 1 NFE a step), "
+        "or meanflow, the jumps x + h·u(x, t, t + h) of a model trained with the meanflow objective (1 NFE a step) "
+        "(default: euler)",
         parse=str,
         default="euler",
         choices=SOLVERS,
@@ -284,5 +285,5 @@ def check_solvers(solvers, objective: str, path) -> None:
     if "meanflow" in solvers and objective != "meanflow":
         raise UserError(
             f"--solver meanflow needs a checkpoint trained with --objective meanflow; {path} was trained with "
-            f"objective {objective} (use an ODE solver: euler, midpoint, heun, rk4)"
+            f"objective {objective} (use an ODE solver: {', '.join(ODE_SOLVERS)})"
         )

@@ -1,8 +1,13 @@
 """ODE solvers for dx/dt = v_θ(x, t, y) from t = 0 (noise) to t = 1 (data); time grids; guidance; NFE counting.
 
-NFE (network function evaluations) is the honest cost: an Euler step costs 1, midpoint and Heun 2, RK4 4,
+NFE (network function evaluations) is the honest cost: an Euler or AB2 step costs 1, midpoint and Heun 2, RK4 4,
 and each of those doubles under classifier-free guidance (the conditional and unconditional halves run as one
 batched call of twice the batch, which costs as much as two calls).
+
+``ab2`` is the second-order Adams–Bashforth method: one evaluation a step, like Euler, and the step's slope
+extrapolated linearly from this evaluation and the last one, so second order for the cost of first (the first
+step, with nothing before it, is an Euler step). At 6 NFE on the default model it beats midpoint at the same
+stage times and the same guided stages (README, "Guidance in an interval, and MeanFlow").
 
 ``meanflow`` is not an ODE solver: for a model trained with ``--objective meanflow`` (its U-Net takes the later
 time s) each step jumps with the learnt average velocity, x_{k+1} = x_k + (t_{k+1} − t_k)·u(x_k, t_k, t_{k+1}):
@@ -40,6 +45,7 @@ __all__ = [
     "stage_plan",
     "plan_nfe",
     "GuidedField",
+    "ab2_slope",
     "integrate",
     "nfe_per_step",
     "sample_nfe",
@@ -54,6 +60,7 @@ __all__ = [
 # one evaluation is u(x, t, t + h): it starts at t.
 STAGE_OFFSETS = {
     "euler": (0.0,),
+    "ab2": (0.0,),
     "midpoint": (0.0, 0.5),
     "heun": (0.0, 1.0),
     "rk4": (0.0, 0.5, 0.5, 1.0),
@@ -215,6 +222,17 @@ def _at(
     return field(x, t, **kw) if flags is None else field(x, t, flags[k], **kw)
 
 
+def ab2_slope(v: torch.Tensor, h: torch.Tensor, prev: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The slope of an Adams–Bashforth 2 step of size ``h``: the line through the last step's derivative and
+    this one, ``prev = (v_prev, h_prev)``, integrated over the step, ``(1 + r/2)·v − (r/2)·v_prev`` with
+    ``r = h / h_prev`` (variable steps); ``v`` itself (an Euler step) when there is no earlier step."""
+    if prev is None:
+        return v
+    v_prev, h_prev = prev
+    half_r = 0.5 * h / h_prev
+    return (1.0 + half_r) * v - half_r * v_prev
+
+
 def integrate(
     field: Callable[..., torch.Tensor],
     x: torch.Tensor,
@@ -222,9 +240,13 @@ def integrate(
     solver: str = "euler",
     plan: Plan | None = None,
     states: list[torch.Tensor] | None = None,
+    memory: list | None = None,
 ) -> torch.Tensor:
     """Integrate dx/dt = field(x, t) over ``grid`` (fp32, increasing). ``x`` is updated in place and returned.
     ``states``: a list to append a copy of x at every grid time to (the start included): the trajectory.
+    ``memory``: what a multistep solver (``ab2``) carries from step to step, for a caller that integrates one step
+    at a time (the compiled sampler): read at the start (empty: the first step) and left holding the last step's
+    ``(derivative, step size)``.
 
     ``field`` takes x [B, ...] and a 0-d time and returns dx/dt (fp32). A :class:`GuidedField` also takes, per
     stage, whether the stage lies in its guidance interval: from ``plan`` (per step, per stage; the compiled
@@ -240,6 +262,7 @@ def integrate(
         plan = field.plan(grid, solver)
     if states is not None:
         states.append(x.clone())
+    prev = memory[-1] if memory else None  # ab2: (derivative, step size) of the step before
     for i in range(len(grid) - 1):
         t, h = grid[i], grid[i + 1] - grid[i]  # 0-d tensors: no recompiles, no host sync
         fl = plan[i] if guided_field else None  # per stage: inside the guidance interval?
@@ -250,6 +273,10 @@ def integrate(
                 kernels.guided_euler_step_(x, vc, vu, h, field.w)
             else:
                 kernels.euler_step_(x, _at(field, x, t, fl, 0, s), h)
+        elif solver == "ab2":
+            v = _at(field, x, t, fl, 0)
+            kernels.euler_step_(x, ab2_slope(v, h, prev), h)
+            prev = (v, h)
         elif solver == "midpoint":
             k1 = _at(field, x, t, fl, 0)
             k2 = _at(field, x + 0.5 * h * k1, t + 0.5 * h, fl, 1)
@@ -266,6 +293,8 @@ def integrate(
             kernels.euler_step_(x, (k1 + 2 * k2 + 2 * k3 + k4) / 6.0, h)
         if states is not None:
             states.append(x.clone())
+    if memory is not None and prev is not None:
+        memory[:] = [prev]
     return x
 
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -24,9 +25,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-SOLVER_ORDER = ("euler", "midpoint", "heun", "rk4", "meanflow")
+SOLVER_ORDER = ("euler", "ab2", "midpoint", "heun", "rk4", "meanflow")
 COLORS = {
     "euler": "tab:blue",
+    "ab2": "tab:brown",
     "midpoint": "tab:orange",
     "heun": "tab:green",
     "rk4": "tab:red",
@@ -141,7 +143,8 @@ def draw(report: dict, out: Path) -> Path:
     axes[0, -1].legend(list(labelled.values()), list(labelled), fontsize=7, loc="best")
     axes[1, -1].legend(fontsize=7, loc="upper right")
     title = report.get("title") or f"{_short(report.get('checkpoint', ''))} (step {report.get('step', '?')})"
-    fig.suptitle(f"{title}, {report['weights']} weights, {report['num_samples']} samples per setting", fontsize=9)
+    text = f"{title}, {report['weights']} weights, {report['num_samples']} samples per setting"
+    fig.suptitle(textwrap.fill(text, 90), fontsize=9)  # several reports' names: wrapped, not cut at the edge
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

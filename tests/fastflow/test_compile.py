@@ -166,3 +166,23 @@ def test_cuda_graph_sampler_matches_eager():
     again, _ = sampler(labels, 5, generator=torch.Generator(dev).manual_seed(5))  # a replay
     assert (got - want).abs().max() <= 1e-4
     assert torch.equal(got, again)
+
+
+def test_ab2_carries_its_last_derivative_between_compiled_steps():
+    """AB2 needs the step before's derivative: the compiled step takes it and hands it on (one graph for the
+    first step, which has none, and one for each guided pattern after it). A sampler that dropped it would be
+    Euler, which differs from AB2 by far more than the tolerance."""
+    model = _tiny_model()
+    labels = torch.tensor([0, 3, 7, 9, 10])
+    iv = (0.3, 0.7)
+    sampler = CompiledSampler(model, solver="ab2", guidance=2.0, interval=iv, backend="aot_eager")
+    for steps in (6, 3):
+        got, nfe = sampler(labels, steps, generator=torch.Generator().manual_seed(5))
+        want, nfe_want = sample(
+            model, labels, steps, solver="ab2", guidance=2.0, interval=iv, generator=torch.Generator().manual_seed(5)
+        )
+        euler, _ = sample(model, labels, steps, guidance=2.0, interval=iv, generator=torch.Generator().manual_seed(5))
+        assert nfe == nfe_want == sample_nfe(steps, "ab2", 2.0, "uniform", iv)
+        diff, gap = float((got - want).abs().max()), float((euler - want).abs().max())
+        assert diff <= 1e-5, f"{steps} steps: compiled vs eager AB2 max |Δ| {diff:.3g}"
+        assert gap > 1e-3, f"{steps} steps: AB2 and Euler should differ here (max |Δ| {gap:.3g})"

@@ -24,12 +24,15 @@ from fastflow.solvers import (
 )
 from fastflow.unet import UNet
 
-ORDER = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+ORDER = {"euler": 1, "ab2": 2, "midpoint": 2, "heun": 2, "rk4": 4}
 # Step counts (n, 2n) per solver: in the asymptotic range, and with relative errors ≥ 1e-6 at 2n (measured:
 # 6e-6 and up), well above the fp32 rounding of the state (the kernels keep x fp32), so rounding can neither
 # fake nor hide an order. Observed orders at these pairs, over the problems and grids below: Euler 0.88–1.10,
-# midpoint 1.87–2.20, Heun 1.91–2.11, RK4 3.88–4.24.
-PAIR = {"euler": (32, 64), "midpoint": (16, 32), "heun": (16, 32), "rk4": (8, 16)}
+# AB2 1.89–2.10 (and 2.92, below), midpoint 1.87–2.20, Heun 1.91–2.11, RK4 3.88–4.24.
+PAIR = {"euler": (32, 64), "ab2": (32, 64), "midpoint": (16, 32), "heun": (16, 32), "rk4": (8, 16)}
+# AB2 on dx/dt = -4tx over the quadratic grid converges at order 3: the h² term of its error cancels there (the
+# same in float64 by hand, 16 to 2048 steps: observed orders 2.87, 2.94, ..., 3.00), so that case expects 3.
+EXCEPTIONS = {("ab2", "time-dependent dx/dt = -4tx", "quadratic"): 3}
 BAND = 0.25  # |observed − nominal order| < BAND: tells order 4 from 3 and 2 from 1 with room to spare
 
 X0 = torch.tensor([0.5, 0.6, 0.7])  # three independent trajectories in one batch (x² blows up at t = 1/x0)
@@ -56,10 +59,10 @@ def test_order_of_accuracy(solver, problem, grid):
     n = PAIR[solver][0]
     e1, e2 = _rel_error(f, exact, n, solver, grid), _rel_error(f, exact, 2 * n, solver, grid)
     assert e2 > 1e-6, f"{solver}: error {e2:.2e} at {2 * n} steps is too close to fp32 rounding to measure an order"
-    observed = math.log2(e1 / e2)
-    assert abs(observed - ORDER[solver]) < BAND, (
+    observed, want = math.log2(e1 / e2), EXCEPTIONS.get((solver, problem, grid), ORDER[solver])
+    assert abs(observed - want) < BAND, (
         f"{solver} on {problem} ({grid} grid): error {e1:.3e} at {n} steps, {e2:.3e} at {2 * n}: "
-        f"observed order {observed:.2f}, expected {ORDER[solver]} ± {BAND}"
+        f"observed order {observed:.2f}, expected {want} ± {BAND}"
     )
 
 
@@ -246,7 +249,9 @@ INTERVAL = (0.3, 0.7)
 def _by_hand_nfe(steps: int, solver: str, w: float, grid: str, interval) -> int:
     """Stage by stage from the float64 grid: 2 NFE inside the interval (w other than 0, 1), 1 outside."""
     ts = time_grid(steps, grid).double().tolist()
-    offsets = {"euler": (0.0,), "midpoint": (0.0, 0.5), "heun": (0.0, 1.0), "rk4": (0.0, 0.5, 0.5, 1.0)}[solver]
+    offsets = {"euler": (0.0,), "ab2": (0.0,), "midpoint": (0.0, 0.5), "heun": (0.0, 1.0), "rk4": (0.0, 0.5, 0.5, 1.0)}[
+        solver
+    ]
     total = 0
     for a, b in zip(ts, ts[1:]):
         for c in offsets:
@@ -269,7 +274,7 @@ def test_interval_nfe_is_counted_exactly(solver):
     assert steps * STAGES[solver] < want < 2 * steps * STAGES[solver]
     assert model.calls == steps * STAGES[solver]  # inside: one batched call of both halves; outside: one call
     plan = stage_plan(time_grid(steps, "quadratic"), solver, INTERVAL)
-    if solver != "euler":
+    if STAGES[solver] > 1:
         assert any(len(set(step)) == 2 for step in plan), "the grid should have a step that straddles a bound"
 
 
@@ -296,3 +301,20 @@ def test_steps_for_nfe_with_an_interval_is_the_most_that_fit(solver, grid):
             assert sample_nfe(k, solver, 2.0, grid, INTERVAL) <= budget
         assert all(sample_nfe(m, solver, 2.0, grid, INTERVAL) > budget for m in range(k + 1, budget + 1))
     assert steps_for_nfe(40, solver, 2.0, grid, None) == steps_for_nfe(40, solver, 2.0)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_ab2_is_exact_after_its_euler_start_on_a_linear_in_time_field(grid):
+    """dx/dt = a + b·t: the line through two derivatives is the field itself, so every AB2 step after the first
+    (an Euler step, short by b·h₀²/2) is exact, on any grid. A wrong variable-step weight breaks this on the
+    quadratic grid, whose steps all differ."""
+    a, b, n = 0.3, -1.7, 7
+    grid_t = time_grid(n, grid)
+    h0 = float(grid_t[1] - grid_t[0])
+    x = torch.tensor([0.25, -1.0])
+    want = x.double() + a + b / 2 - b * h0 * h0 / 2
+    integrate(lambda x, t: torch.full_like(x, a) + b * t, x, grid_t, "ab2")
+    torch.testing.assert_close(x.double(), want, atol=1e-6, rtol=0)
+    euler = torch.tensor([0.25, -1.0])
+    integrate(lambda x, t: torch.full_like(x, a) + b * t, euler, grid_t, "euler")
+    assert float((euler.double() - want).abs().max()) > 1e-2  # the test tells AB2 from Euler
