@@ -244,6 +244,7 @@ def train_runner(
 
 
 def _device_batches(trainer):
+    trainer.prepare()
     epoch = 0
     while True:
         yield from trainer.loader.epoch(epoch)
@@ -292,7 +293,7 @@ def sample_runner(
 
     from fastflow.compile import CompiledSampler
     from fastflow.device import autocast, resolve_amp, resolve_device
-    from fastflow.solvers import sample
+    from fastflow.solvers import SamplerSpec, sample
     from fastflow.unet import UNet
 
     _, resolve_configs = training_api()
@@ -311,12 +312,12 @@ def sample_runner(
 
         def run(steps: int):
             g.manual_seed(seed)
-            return sampler(labels, steps, generator=g)[0]
+            return sampler(labels, SamplerSpec("euler", steps), generator=g)[0]
     else:
 
         def run(steps: int):
             g.manual_seed(seed)
-            return sample(model, labels, steps, generator=g, ctx=ctx)[0]
+            return sample(model, labels, SamplerSpec("euler", steps), generator=g, ctx=ctx)[0]
 
     return run, {"preset": cfg.preset, "model": mcfg, "device": dev, "net": model}
 

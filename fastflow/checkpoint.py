@@ -49,6 +49,12 @@ __all__ = [
     "load_checkpoint",
     "load_pretrained",
     "build_model",
+    "init_checkpoint",
+    "load_start",
+    "check_resumable",
+    "kept_note",
+    "load_for_resume",
+    "load_weights_into",
     "Checkpoint",
     "find_complete",
     "has_checkpoint",
@@ -405,6 +411,83 @@ def load_weights_into(
     except RuntimeError as e:
         detail = " ".join(str(e).split())
         raise UserError(f"checkpoint {path}: {what} do not match its config.json ({detail[:200]})") from None
+
+
+def init_checkpoint(init_from: str) -> tuple[Checkpoint, ModelConfig] | None:
+    """``--init-from DIR``: the checkpoint in DIR and the model config of the run that starts from it (DIR's, with
+    the mean-flow gap input); None without ``--init-from``. Every problem with DIR is a one-line UserError naming
+    the flag."""
+    if not init_from:
+        return None
+    try:
+        ck = load_checkpoint(init_from, with_state=False)
+    except UserError as e:
+        raise UserError(f"--init-from: {e}") from None
+    return ck, dataclasses.replace(ck.model_cfg, mean_flow=True)
+
+
+def load_start(model: torch.nn.Module, ck: Checkpoint) -> str:
+    """``--init-from``: ``ck``'s EMA weights (its raw ones if it has none) into ``model``, whose config is ``ck``'s
+    plus the gap input. A flow-matching checkpoint lacks only the gap MLP, which keeps ``model``'s initialisation
+    (last layer zero: the model starts as ``ck``'s field for every s). Returns which weights, for the start line."""
+    which = "EMA" if ck.ema_weights is not None else "raw"
+    weights = ck.ema_weights if ck.ema_weights is not None else ck.weights
+    if not ck.model_cfg.mean_flow:
+        weights = {**{k: v for k, v in model.state_dict().items() if k.startswith("gap_mlp.")}, **weights}
+    load_weights_into(model, weights, ck.path, f"{which} weights")
+    return f"{which} weights of {ck.path} (step {ck.step}, objective {ck.objective})"
+
+
+def load_for_resume(
+    directory: Path, model: torch.nn.Module, ema: torch.nn.Module | None, model_cfg: ModelConfig, train_cfg, keys
+) -> Checkpoint | None:
+    """``--resume``: the checkpoint in ``directory`` with its weights loaded into ``model`` (and the EMA's into
+    ``ema``), after :func:`check_resumable`; None where there is none. Its ``state`` is for the trainer to load."""
+    if not has_checkpoint(directory):
+        return None
+    ck = load_checkpoint(directory)
+    check_resumable(ck, model_cfg, train_cfg.objective, keys, train_cfg.ema_decay)
+    load_weights_into(model, ck.weights, ck.path)
+    if ema is not None:
+        load_weights_into(ema, ck.ema_weights, ck.path, "EMA weights")
+    return ck
+
+
+def kept_note(model_dir: Path, last_good: int | None) -> str:
+    """What is left on disk when a run stops with an error: the last checkpoint it wrote or resumed from, or the
+    folder as it was."""
+    if last_good is not None:
+        return f"last good checkpoint: {model_dir} (step {last_good}), left as it was"
+    if has_checkpoint(model_dir):
+        return f"this run wrote no checkpoint; {model_dir} is left as it was"
+    return "no checkpoint was written"
+
+
+def check_resumable(ck: Checkpoint, model_cfg: ModelConfig, objective: str, state_keys, ema_decay: float) -> dict:
+    """The training state of ``ck`` if a run of ``model_cfg`` (trained with ``objective``, keeping an EMA if
+    ``ema_decay`` > 0) can continue it; otherwise a one-line :class:`UserError` saying what differs."""
+
+    def show(v) -> str:
+        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+    if ck.model_cfg != model_cfg:
+        diff = ", ".join(
+            f"objective {ck.objective} (flags: {objective})"
+            if f.name == "mean_flow"  # not a flag: --objective sets it
+            else f"{f.name} {show(getattr(ck.model_cfg, f.name))} (flags: {show(getattr(model_cfg, f.name))})"
+            for f in dataclasses.fields(ModelConfig)
+            if getattr(ck.model_cfg, f.name) != getattr(model_cfg, f.name)
+        )
+        raise UserError(f"--resume: {ck.path} holds another model: {diff}; pass the same --preset and model flags")
+    st, spath = ck.state, ck.state_path
+    if st is None:
+        raise UserError(f"--resume: {ck.path} has no training state ({spath.name}); it can be sampled, not resumed")
+    missing = [k for k in state_keys if k not in st]
+    if missing:
+        raise UserError(f"--resume: {spath}: not a fastflow training state (no {', '.join(missing)})")
+    if ema_decay > 0 and ck.ema_weights is None:
+        raise UserError(f"--resume: {ck.path} has no EMA weights but --ema-decay is {ema_decay}")
+    return st
 
 
 def build_model(ckpt: Checkpoint, use_ema: bool = True) -> UNet:

@@ -22,12 +22,15 @@ from .errors import UserError
 __all__ = [
     "ModelConfig",
     "TrainConfig",
+    "OBJECTIVES",
+    "takes_later_time",
     "PRESETS",
     "setting",
     "add_dataclass_args",
     "resolve_preset",
     "resolve_configs",
     "resume_free",
+    "changed_settings",
     "parse_int_list",
     "validate",
     "model_config_from_dict",
@@ -60,6 +63,16 @@ def setting(
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not supported")
     return dataclasses.field(default=default, metadata=meta)
+
+
+# --objective: flow matching, MeanFlow, MeanFlow distillation (fastflow.objectives); all but flow train a U-Net that
+# takes the later time s (ModelConfig.mean_flow).
+OBJECTIVES = ("flow", "meanflow", "meanflow-distill")
+
+
+def takes_later_time(objective: str) -> bool:
+    """Whether ``objective`` trains a U-Net with MeanFlow's second time input (``ModelConfig.mean_flow``)."""
+    return objective != "flow"
 
 
 # name -> (model overrides, training overrides)
@@ -148,8 +161,9 @@ class TrainConfig:
     objective: str = setting(
         "flow",
         "flow: flow matching, the field v(x, t); meanflow: MeanFlow (Geng et al. 2025), the average velocity "
-        "u(x, t, s) over [t, s], sampled in a few jumps with --solver meanflow (its U-Net takes the gap s − t too)",
-        choices=("flow", "meanflow"),
+        "u(x, t, s) over [t, s], sampled in a few jumps with --solver meanflow (its U-Net takes the gap s − t too); "
+        "meanflow-distill: the same u learnt from the --init-from flow model's own trajectories (docs/meanflow.md)",
+        choices=OBJECTIVES,
     )
     mf_equal_share: float = setting(
         0.75,
@@ -166,38 +180,41 @@ class TrainConfig:
     mf_time_std: float = setting(1.0, "meanflow: the std of that normal (the paper's 1.0)", check=FINITE_POSITIVE)
     mf_adaptive_p: float = setting(
         1.0,
-        "meanflow: adaptive loss weight 1/(|Δ|² + 1e-3)^p per image, |Δ|² its mean squared error, detached; "
-        "0 = plain MSE (the paper's best: p = 1)",
+        "meanflow and meanflow-distill: adaptive loss weight 1/(|Δ|² + 1e-3)^p per image, |Δ|² its mean squared "
+        "error, detached; 0 = plain MSE (the paper's best: p = 1)",
         check=FINITE_NONNEG,
     )
     mf_guidance: float = setting(
         1.0,
         "meanflow: guidance w inside training (the paper's guided target ṽ = w·(z − ε) + (1 − w)·u(x_t, t, t | no "
-        "label) for images that kept their label; with --mf-distill the teacher's w, in [0.2, 0.7]); sample such "
-        "a model at --guidance 1 (1: off)",
+        "label) for images that kept their label); sample such a model at --guidance 1 (1: off)",
         check=FINITE,
     )
-    mf_distill: int = setting(
-        0,
-        "meanflow with --init-from: learn u from that model's own trajectories, not from MNIST: "
-        "--mf-distill-trajectories of K midpoint steps, guided at --mf-guidance in [0.2, 0.7], made at the start "
-        "of the run (inside --time-budget; made again by --resume); the states at any two of their times t < s "
-        "give u = (x_s − x_t)/(s − t) exactly, the loss is the squared error to it (weighted by --mf-adaptive-p; no "
-        "JVP; --mf-equal-share and --mf-time-* unused), no label is dropped; 0: off "
-        "(README, 'MeanFlow')",
-        check=NONNEG,
+    distill_steps: int = setting(
+        4,
+        "meanflow-distill: midpoint steps of each teacher trajectory; the states at any two of its times t < s give "
+        "u = (x_s − x_t)/(s − t) exactly, the target (no JVP, no label dropped)",
+        check=POSITIVE,
     )
-    mf_distill_trajectories: int = setting(
-        16384, "--mf-distill: trajectories to make, all processes together (rounded up to 256s)", check=POSITIVE
+    distill_trajectories: int = setting(
+        16384,
+        "meanflow-distill: trajectories to make at the start of the run (inside --time-budget; made again by "
+        "--resume), all processes together, rounded up to 256s",
+        check=POSITIVE,
     )
-    mf_distill_long: float = setting(
-        0.7, "--mf-distill: share of pairs that are the whole path (t, s) = (0, 1), the one jump", check=UNIT_CLOSED
+    distill_long_share: float = setting(
+        0.7, "meanflow-distill: share of pairs that are the whole path (t, s) = (0, 1), the one jump", check=UNIT_CLOSED
+    )
+    teacher_guidance: float = setting(
+        1.75,
+        "meanflow-distill: the teacher's guidance w, in [0.2, 0.7] (1.75 measured best of 1.25-2: docs/meanflow.md)",
+        check=FINITE,
     )
     init_from: str = setting(
         "",
         "meanflow: start a new run (new optimizer, step 0) from the checkpoint in this folder: its model config "
         "plus the gap input, its EMA weights (its raw weights if it has none), the gap MLP at zero so step 0 is "
-        "that model's field",
+        "that model's field; meanflow-distill: the same, and that model is the teacher",
     )
     resume: bool = setting(False, "continue from the checkpoint in --model-dir", resume_free=True)
     warmup_steps: int = setting(0, "linear learning-rate warm-up steps", check=NONNEG)
@@ -315,7 +332,7 @@ def resolve_configs(
         train_over = {k: v for k, v in train_over.items() if k != "time_budget"}  # epochs asked for: they rule
     tcfg = TrainConfig(**{**train_over, **(train or {}), "preset": preset})
     # The objective decides the U-Net's inputs (ModelConfig.mean_flow): one setting, not two to keep in step.
-    mcfg = ModelConfig(**{**model_over, "mean_flow": tcfg.objective == "meanflow", **(model or {})})
+    mcfg = ModelConfig(**{**model_over, "mean_flow": takes_later_time(tcfg.objective), **(model or {})})
     validate(mcfg, tcfg)
     return mcfg, tcfg
 
@@ -331,6 +348,13 @@ def resolve_preset(args: argparse.Namespace, device_type: str) -> tuple[ModelCon
 def resume_free() -> frozenset[str]:
     """The training settings a ``--resume`` may change without changing the run."""
     return frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("resume_free"))
+
+
+def changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
+    """``"name old -> new"`` for each setting of ``cfg`` that differs from a checkpoint's saved training config and
+    changes the run (not :func:`resume_free`); settings the checkpoint does not record are not compared."""
+    new, free = dataclasses.asdict(cfg), resume_free()
+    return [f"{k} {saved[k]!r} -> {new[k]!r}" for k in new if k not in free and k in saved and saved[k] != new[k]]
 
 
 def validate(mcfg: ModelConfig, tcfg: TrainConfig) -> None:
@@ -355,18 +379,18 @@ def validate(mcfg: ModelConfig, tcfg: TrainConfig) -> None:
         raise UserError(f"--num-classes must be 10 (the MNIST digits), got {mcfg.num_classes}")
     if mcfg.in_channels != 1:
         raise UserError(f"--in-channels must be 1 (MNIST is grayscale), got {mcfg.in_channels}")
-    meanflow = tcfg.objective == "meanflow"
-    if mcfg.mean_flow != meanflow:
+    gap = takes_later_time(tcfg.objective)
+    if mcfg.mean_flow != gap:
         raise UserError(
-            f"--objective {tcfg.objective} needs a U-Net {'with' if meanflow else 'without'} the mean-flow gap input "
-            f"(mean_flow={meanflow}), got mean_flow={mcfg.mean_flow}"
+            f"--objective {tcfg.objective} needs a U-Net {'with' if gap else 'without'} the mean-flow gap input "
+            f"(mean_flow={gap}), got mean_flow={mcfg.mean_flow}"
         )
-    if tcfg.init_from and not meanflow:
-        raise UserError("--init-from starts a MeanFlow run from a checkpoint: it needs --objective meanflow")
-    if tcfg.mf_distill and not (meanflow and tcfg.init_from):
+    if tcfg.init_from and not gap:
         raise UserError(
-            "--mf-distill learns from a teacher's trajectories: it needs --objective meanflow and --init-from"
+            "--init-from starts a MeanFlow run from a checkpoint: it needs --objective meanflow or meanflow-distill"
         )
+    if tcfg.objective == "meanflow-distill" and not tcfg.init_from:
+        raise UserError("--objective meanflow-distill learns from a teacher's trajectories: give --init-from")
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:

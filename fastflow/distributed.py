@@ -28,6 +28,8 @@ __all__ = [
     "broadcast_module",
     "local_main_first",
     "all_reduce_sum",
+    "from_main",
+    "mean_over_ranks",
     "check_same",
     "record_errors",
     "TIMEOUT",
@@ -144,6 +146,23 @@ def all_reduce_sum(x: torch.Tensor, dist: Dist) -> torch.Tensor:
     if dist.enabled:
         tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
     return x
+
+
+def from_main(value: int, dist: Dist, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank (a decision one rank makes for all); unchanged in one process."""
+    if not dist.enabled:
+        return value
+    return int(all_reduce_sum(torch.tensor([value if dist.is_main else 0], device=device), dist))
+
+
+def mean_over_ranks(values: torch.Tensor, flag: bool, dist: Dist) -> tuple[torch.Tensor, bool]:
+    """Each of ``values`` [W] averaged over the ranks, and whether any rank raised ``flag``, in one all-reduce
+    (a log window's losses and a stop request). One process: both unchanged. Equal shards: the mean of the ranks'
+    means is the global mean."""
+    if not dist.enabled:
+        return values, flag
+    packed = all_reduce_sum(torch.cat([values, values.new_tensor([1.0 if flag else 0.0])]), dist).cpu()  # [W + 1]
+    return packed[:-1] / dist.world_size, bool(packed[-1] > 0)
 
 
 def check_same(value, dist: Dist, what: str, hint: str = "") -> None:

@@ -14,7 +14,7 @@ training images (N/10 of each digit, like the generated set) against the same te
 A budget of B NFE gives each solver the most steps whose cost fits: a step costs 1 (Euler, and the MeanFlow jump
 ``meanflow`` of a model trained with ``--objective meanflow``), 2 (midpoint, Heun) or 4 (RK4) network
 evaluations, twice that at a guidance w other than 0 or 1; with a guidance interval only the stages whose time
-lies in it pay double, so the cost is counted stage by stage (:func:`~fastflow.solvers.sample_nfe`). A
+lies in it pay double, so the cost is counted stage by stage (:attr:`~fastflow.solvers.SamplerSpec.nfe`). A
 setting where one step costs more than B is skipped and listed under ``skipped``. The NFE reported is the count
 :class:`~fastflow.solvers.GuidedField` made, per image (eager), or the same stage plan's count (``--compile``).
 
@@ -54,7 +54,7 @@ from .errors import ArgumentParser, UserError, cli
 from .fid import feature_stats, frechet_distance
 from .io import atomic_write_json, check_writable
 from .sampling_args import add_sampling_args, check_solvers, resolve_batch_size
-from .solvers import Interval, sample_nfe, steps_for_nfe
+from .solvers import Interval, SamplerSpec
 
 __all__ = [
     "generate",
@@ -73,16 +73,16 @@ PLOT_SCRIPT = Path(__file__).resolve().parents[1] / "plot" / "quality.py"
 
 
 @torch.no_grad()
-def generate(draw, num_samples: int, steps: int, *, seed: int = 0, device="cpu"):
+def generate(draw, num_samples: int, spec: SamplerSpec, *, seed: int = 0, device="cpu"):
     """``num_samples // 10`` digits of each class, digit by digit, from noise seeded by ``seed``, through
-    ``draw(labels, steps, generator=...)`` (one setting: :func:`fastflow.compile.make_sampler`).
+    ``draw(labels, spec, generator=...)`` (:func:`fastflow.compile.make_sampler`).
 
     Returns (images [N, 1, 28, 28] fp32 in [0, 1], labels [N], NFE per image as counted, seconds)."""
     per = num_samples // 10
     labels = torch.arange(10, device=device).repeat_interleave(per)
     g = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()
-    images, nfe = draw(labels, steps, generator=g)
+    images, nfe = draw(labels, spec, generator=g)
     synchronize(torch.device(device))
     return images.float(), labels, nfe, time.perf_counter() - t0
 
@@ -149,9 +149,10 @@ def plan_settings(solvers, grids, guidances, nfes=None, steps=None, intervals=No
         if nfes is None:
             run.append({**s, "nfe_budget": None, "steps": n})
             continue
-        k = steps_for_nfe(n, solver, w, grid, iv)
+        spec = SamplerSpec.for_nfe(n, solver, w, grid, iv)
+        k = 0 if spec is None else spec.steps
         if k == 0:
-            cost = sample_nfe(1, solver, w, grid, iv)
+            cost = SamplerSpec(solver, 1, w, grid, iv).nfe
             skipped.append(
                 {**s, "nfe_budget": n, "reason": f"one {solver} step costs {cost} NFE at guidance {_w_text(s)} > {n}"}
             )
@@ -280,9 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _spec(s: dict) -> SamplerSpec:
+    """A planned setting's sampler spec."""
+    return SamplerSpec(s["solver"], s["steps"], s["guidance"], s["grid"], _interval(s))
+
+
 def _cost(s: dict) -> int:
     """Network evaluations per image of a planned setting."""
-    return sample_nfe(s["steps"], s["solver"], s["guidance"], s["grid"], _interval(s))
+    return _spec(s).nfe
 
 
 @torch.no_grad()
@@ -310,8 +316,8 @@ def _key(s: dict) -> tuple:
 
 
 def _sampler_key(s: dict) -> tuple:
-    """What a sampler is built for: the settings that share it differ only in steps."""
-    return (s["solver"], s["grid"], s["guidance"], _interval(s))
+    """What a sampler is built for: the settings that share it differ only in steps and time grid."""
+    return _spec(s).family
 
 
 def _previous(path: str, meta: dict) -> dict[tuple, dict]:
@@ -403,20 +409,9 @@ def main(argv: list[str] | None = None) -> int:
                 # each compiled sampler adds graphs to the same step function; past Dynamo's recompile limit
                 # it would fall back to eager without a word, so start afresh for each sampler setting
                 torch._dynamo.reset()
-            draw, drawing = (
-                make_sampler(
-                    model,
-                    compiled=args.compile,
-                    solver=s["solver"],
-                    guidance=s["guidance"],
-                    grid=s["grid"],
-                    interval=_interval(s),
-                    ctx=ctx,
-                    batch_size=batch_size,
-                ),
-                _sampler_key(s),
-            )
-        images, labels, nfe, secs = generate(draw, n, s["steps"], seed=args.seed, device=device)
+            draw = make_sampler(model, compiled=args.compile, ctx=ctx, batch_size=batch_size)
+            drawing = _sampler_key(s)
+        images, labels, nfe, secs = generate(draw, n, _spec(s), seed=args.seed, device=device)
         pred, feats = classify(clf, images)
         fid = frechet_distance(*feature_stats(feats), *ref)
         row = {

@@ -11,7 +11,7 @@ derivative along the trajectory: one forward-mode JVP of the network with tangen
 training target is that right-hand side with the network's own du/dt, detached. (The paper's time runs the
 other way, data at 0: its u = v − (t − r)·du/dt is the same identity.)
 
-MeanFlow distillation (``--mf-distill K``): a teacher flow-matching model's own trajectories, its states at the
+MeanFlow distillation (``--objective meanflow-distill``): a teacher flow-matching model's own trajectories, its states at the
 K + 1 times of a uniform grid, give the average velocity of the teacher's flow between any two of those times
 exactly, u(x_tᵢ, tᵢ, tⱼ) = (x_tⱼ − x_tᵢ)/(tⱼ − tᵢ) (:func:`trajectory_pairs`); the loss is the squared error to it
 with MeanFlow's adaptive weight (:func:`average_velocity_loss`): no JVP, and the long jumps are taught directly, not
@@ -19,8 +19,6 @@ bootstrapped from short ones.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 
@@ -31,7 +29,6 @@ __all__ = [
     "sample_time_pair",
     "drop_labels",
     "flow_matching_loss",
-    "MeanFlowSettings",
     "meanflow_target",
     "meanflow_loss",
     "grid_pairs",
@@ -86,22 +83,7 @@ def flow_matching_loss(
     return kernels.flow_matching_loss(v, z, eps)
 
 
-@dataclasses.dataclass(frozen=True)
-class MeanFlowSettings:
-    """The MeanFlow loss's settings (TrainConfig's ``mf_*``).
-
-    guidance: w of the guided target ṽ = w·(z − ε) + (1 − w)·u(x_t, t, t | no label) for the images that kept
-        their label (the MeanFlow paper's guidance: the guided field is learnt, so sampling needs one call a
-        step); 1: off.
-    adaptive_p, adaptive_c: the per-image loss weight 1/(|Δ|² + c)^p, detached (|Δ|² the image's mean squared
-        error); p = 0: plain MSE.
-    distill: the loss is :func:`average_velocity_loss` on a teacher's trajectories instead (the others unused).
-    """
-
-    guidance: float = 1.0
-    adaptive_p: float = 1.0
-    adaptive_c: float = 1e-3
-    distill: bool = False
+ADAPTIVE_C = 1e-3  # MeanFlow's adaptive loss weight 1/(|Δ|² + c)^p: the paper's c
 
 
 def _no_autocast(device: torch.device):
@@ -132,10 +114,18 @@ def meanflow_loss(
     s: torch.Tensor,
     eps: torch.Tensor,
     ctx,
-    settings: MeanFlowSettings = MeanFlowSettings(),
+    *,
+    guidance: float = 1.0,
+    adaptive_p: float = 1.0,
+    adaptive_c: float = ADAPTIVE_C,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One MeanFlow training loss. z, eps (B, 1, 28, 28) fp32; t ≤ s (B,); y (B,) int64 with dropped labels
     already :data:`NO_LABEL`; ``ctx`` the autocast context of the network's gradient-taking forward.
+
+    ``guidance`` w: the guided target ṽ = w·(z − ε) + (1 − w)·u(x_t, t, t | no label) for the images that kept
+    their label (the MeanFlow paper's guidance: the guided field is learnt, so sampling needs one call a step);
+    1: off. ``adaptive_p``, ``adaptive_c``: the per-image loss weight 1/(|Δ|² + c)^p, detached (|Δ|² the image's
+    mean squared error); p = 0: plain MSE.
 
     Returns ``(loss, mse)``, both 0-d fp32: ``loss`` to differentiate (adaptively weighted), ``mse`` the plain
     mean squared error to the target, detached (what the training log shows, comparable across p).
@@ -143,8 +133,8 @@ def meanflow_loss(
     guidance one more forward without gradients."""
     x_t, _ = kernels.flow_path(z, eps, t, with_target=False)  # [B, 1, 28, 28] fp32
     v = z - eps  # [B, 1, 28, 28] fp32: the conditional velocity
-    if settings.guidance != 1.0:
-        w = settings.guidance
+    if guidance != 1.0:
+        w = guidance
         with torch.no_grad(), ctx:
             u_uncond = model(x_t, t, torch.full_like(y, NO_LABEL)).float()  # u(x_t, t, t | no label)
         guided = w * v + (1.0 - w) * u_uncond
@@ -152,16 +142,16 @@ def meanflow_loss(
     target, _ = meanflow_target(model, x_t, t, s, y, v)  # [B, 1, 28, 28] fp32, detached
     with ctx:
         u = model(x_t, t, y, s)
-    return _adaptive((u.float() - target).pow(2).mean(dim=(1, 2, 3)), settings)  # per image: [B] fp32
+    return _adaptive((u.float() - target).pow(2).mean(dim=(1, 2, 3)), adaptive_p, adaptive_c)  # per image: [B]
 
 
-def _adaptive(per_image: torch.Tensor, settings: MeanFlowSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def _adaptive(per_image: torch.Tensor, p: float, c: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, mse)`` from the per-image mean squared errors [B]: the loss adaptively weighted by
     1/(|Δ|² + c)^p (detached; p = 0: the plain mean), the mse plain and detached."""
     mse = per_image.mean()
-    if settings.adaptive_p == 0:
+    if p == 0:
         return mse, mse.detach()
-    weight = (per_image.detach() + settings.adaptive_c).pow(-settings.adaptive_p)  # [B]
+    weight = (per_image.detach() + c).pow(-p)  # [B]
     return (weight * per_image).mean(), mse.detach()
 
 
@@ -201,11 +191,13 @@ def average_velocity_loss(
     s: torch.Tensor,
     u: torch.Tensor,
     ctx,
-    settings: MeanFlowSettings = MeanFlowSettings(adaptive_p=0.0),
+    *,
+    adaptive_p: float = 1.0,
+    adaptive_c: float = ADAPTIVE_C,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MeanFlow distillation's loss: the squared error between u_θ(x, t, s, y) and the target average velocity
-    ``u`` (:func:`trajectory_pairs`), with MeanFlow's adaptive weight (``settings.adaptive_p``; 0: plain MSE).
-    x, u (B, 1, 28, 28) fp32; t < s (B,); y (B,) int64. Returns ``(loss, mse)`` as :func:`meanflow_loss`."""
+    ``u`` (:func:`trajectory_pairs`), with MeanFlow's adaptive weight (as :func:`meanflow_loss`; p = 0: plain
+    MSE). x, u (B, 1, 28, 28) fp32; t < s (B,); y (B,) int64. Returns ``(loss, mse)`` as :func:`meanflow_loss`."""
     with ctx:
         pred = model(x, t, y, s)
-    return _adaptive((pred.float() - u).pow(2).flatten(1).mean(dim=1), settings)
+    return _adaptive((pred.float() - u).pow(2).flatten(1).mean(dim=1), adaptive_p, adaptive_c)

@@ -13,8 +13,9 @@ from .checkpoint import build_model, load_checkpoint
 from .compile import make_sampler
 from .device import autocast, describe_amp, resolve_amp, resolve_device, synchronize
 from .errors import ArgumentParser, UserError, cli
+from .images import save_grid
 from .io import atomic_save, check_writable
-from .sampling_args import add_sampling_args, check_solvers, describe_guidance, resolve_batch_size, resolve_steps
+from .sampling_args import add_sampling_args, check_solvers, describe_guidance, resolve_batch_size, resolve_spec
 from .solvers import chunks
 
 __all__ = ["parse_digits", "build_parser", "main"]
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     digits = parse_digits(args.digits)
     if args.per_digit <= 0:
         raise UserError(f"--per-digit must be > 0, got {args.per_digit}")
-    steps = resolve_steps(args.steps, args.nfe, args.solver, args.guidance, args.grid, args.guidance_interval)
+    spec = resolve_spec(args.steps, args.nfe, args.solver, args.guidance, args.grid, args.guidance_interval)
     check_writable(args.out, "--out", kind="file")
     if args.save_tensor:
         check_writable(args.save_tensor, "--save-tensor", kind="file")
@@ -73,22 +74,12 @@ def main(argv: list[str] | None = None) -> int:
 
     labels = torch.tensor(digits, device=device).repeat_interleave(args.per_digit)  # [N], digit by digit
     g = torch.Generator(device=device).manual_seed(args.seed)
-    draw = make_sampler(  # the same noise, grid and stage plan eager or compiled; chunked at batch_size
-        model,
-        compiled=args.compile,
-        solver=args.solver,
-        guidance=args.guidance,
-        grid=args.grid,
-        interval=args.guidance_interval,
-        ctx=ctx,
-        batch_size=batch_size,
-    )
+    # the same noise, grid and stage plan eager or compiled; chunked at batch_size
+    draw = make_sampler(model, compiled=args.compile, ctx=ctx, batch_size=batch_size)
     t0 = time.perf_counter()
-    images, nfe = draw(labels, steps, generator=g)
+    images, nfe = draw(labels, spec, generator=g)
     synchronize(device)
     dt = time.perf_counter() - t0
-
-    from .trainer import save_grid
 
     save_grid(images, args.out, nrow=args.per_digit)
     if args.save_tensor:
@@ -97,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = chunks(len(labels), batch_size)
     batches = "one batch" if len(parts) == 1 else f"{len(parts)} batches of {parts[0][1] - parts[0][0]}"
     print(
-        f"{len(labels)} images ({args.solver}, {steps} steps, {nfe} NFE, "
+        f"{len(labels)} images ({spec.solver}, {spec.steps} steps, {nfe} NFE, "
         f"{describe_guidance(args.guidance, args.guidance_interval)}) in {dt:.2f} s ({batches}, "
         f"{describe_amp(args.amp, dtype, device)}"
         f"{', compiled' if args.compile else ''}) -> {Path(args.out)}"

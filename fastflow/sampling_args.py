@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .solvers import GRIDS, ODE_SOLVERS, SOLVERS, Interval, check_interval, sample_nfe, steps_for_nfe
+from .solvers import DEFAULT_INTERVAL, GRIDS, ODE_SOLVERS, SOLVERS, Interval, SamplerSpec, check_interval
 
 __all__ = [
     "Flag",
@@ -28,7 +28,7 @@ __all__ = [
     "parse_interval",
     "comma_list",
     "add_sampling_args",
-    "resolve_steps",
+    "resolve_spec",
     "resolve_batch_size",
     "describe_guidance",
     "check_solvers",
@@ -55,12 +55,6 @@ def finite_float(text: str) -> float:
     if not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     return v
-
-
-# Guidance only for t in [0.2, 0.7]: at 6 NFE on two default-recipe models (two noise seeds on one), every w in
-# 1.25-2 and both Euler and midpoint gave a lower FID than guiding at every stage, at 98.2-99.9% accuracy
-# (README, "Guidance in an interval"). At w = 1 it changes nothing.
-DEFAULT_INTERVAL: Interval = (0.2, 0.7)
 
 
 def parse_interval(text: str) -> Interval | None:
@@ -234,31 +228,31 @@ def add_sampling_args(p: argparse.ArgumentParser, lists: bool = False) -> None:
         p.add_argument(*names, **{k: v for k, v in kw.items() if v is not None or k == "default"})
 
 
-def resolve_steps(
+def resolve_spec(
     steps: int | None,
     nfe: int | None,
     solver: str,
     guidance: float,
     grid: str = "uniform",
     interval: Interval | None = None,
-) -> int:
-    """The step count from ``--steps`` or ``--nfe`` (10 when neither is given), or a one-line UserError."""
+) -> SamplerSpec:
+    """The sampler spec of ``--steps`` or ``--nfe`` (10 steps when neither is given), or a one-line UserError."""
     if steps is not None and nfe is not None:
         raise UserError("give --steps or --nfe, not both")
     if nfe is not None:
         if nfe <= 0:
             raise UserError(f"--nfe must be > 0, got {nfe}")
-        s = steps_for_nfe(nfe, solver, guidance, grid, interval)
-        if s == 0:
-            cost = sample_nfe(1, solver, guidance, grid, interval)
+        spec = SamplerSpec.for_nfe(nfe, solver, guidance, grid, interval)
+        if spec is None:
+            cost = SamplerSpec(solver, 1, guidance, grid, interval).nfe
             raise UserError(
                 f"--nfe {nfe} is less than one {solver} step costs at {describe_guidance(guidance, interval)} ({cost})"
             )
-        return s
+        return spec
     steps = 10 if steps is None else steps
     if steps <= 0:
         raise UserError(f"--steps must be > 0, got {steps}")
-    return steps
+    return SamplerSpec(solver, steps, guidance, grid, interval)
 
 
 def resolve_batch_size(batch_size: int | None, device: torch.device) -> int:

@@ -27,13 +27,12 @@ through the traceable functional collective inside a compiled graph. Parameters 
 (:func:`fastflow.distributed.broadcast_module`), so equal averaged gradients keep them equal.
 
 The learning rate and the EMA weight are 0-d tensors written before each call, so a schedule never recompiles.
-Randomness (t, ε, dropped labels; MeanFlow's s) is drawn by the caller from its checkpointed generator, outside
-the graph, so every mode consumes exactly the same random numbers. Nothing in the step reads a value back to the
-host.
+The batch (:mod:`fastflow.objectives`: its images, labels, times and noise) is drawn by the caller from its
+checkpointed generator, outside the graph, so every mode consumes exactly the same random numbers. Nothing in the
+step reads a value back to the host.
 
-The loss is flow matching's, or with ``meanflow`` settings MeanFlow's (:func:`fastflow.path.meanflow_loss`): its
-forward-mode JVP runs inside the same function, so it is compiled (and captured) with the rest of the step; or
-MeanFlow distillation's squared error to a teacher's average velocity (:func:`fastflow.path.average_velocity_loss`).
+The loss is the objective's (``loss(model, batch, ctx) -> (loss, shown)``, flow matching's by default): MeanFlow's
+forward-mode JVP runs inside the same function, so it is compiled (and captured) with the rest of the step.
 """
 
 from __future__ import annotations
@@ -45,9 +44,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import path as fm
 from .ema import EMA
 from .errors import UserError
+from .objectives import FlowMatching
 
 __all__ = ["MODES", "TrainStep", "make_optimizer", "place_adamw_state", "resolve_mode", "average_over_ranks"]
 
@@ -119,7 +118,7 @@ def average_over_ranks(grads: list[torch.Tensor], group) -> list[torch.Tensor]:
 
 
 class TrainStep:
-    """``step(z, y, t, eps, lr, s=None) -> loss``: one AdamW step (and EMA update) of ``model`` on one batch.
+    """``step(batch, lr) -> loss``: one AdamW step (and EMA update) of ``model`` on one batch.
 
     Args:
         model: the network v_θ(x, t, y); every parameter must be trainable.
@@ -131,13 +130,12 @@ class TrainStep:
         backend: the torch.compile backend (tests use ``aot_eager`` for the multi-process case).
         fallback: if compiling fails, say why in one line and continue eagerly (the CUDA default does this;
             an explicit ``--compile`` raises instead).
-        meanflow: train ``model`` (a mean-flow U-Net) with MeanFlow's loss and these settings; None: flow matching.
+        loss: ``loss(model, batch, ctx) -> (loss to differentiate, loss to show)``, an objective's
+            :meth:`~fastflow.objectives.Objective.loss`; flow matching's by default.
 
-    Call with z, eps [B, 1, 28, 28] fp32, y [B] int64 (labels already dropped), t [B] fp32, the learning rate
-    as a Python float, and for MeanFlow s [B] fp32 (s ≥ t). With ``meanflow.distill`` z is a teacher's state at t
-    and eps the target average velocity from t to s (:func:`fastflow.path.trajectory_pairs`). Returns the loss,
-    0-d fp32, on the device, not synchronised: for MeanFlow the plain MSE to its target (the adaptive weighting
-    shapes only the gradient).
+    Call with the objective's batch (a named tuple of tensors on the model's device, labels already dropped) and
+    the learning rate as a Python float. Returns the loss to show, 0-d fp32, on the device, not synchronised (for
+    MeanFlow the plain MSE to its target: the adaptive weighting shapes only the gradient).
     """
 
     def __init__(
@@ -151,14 +149,14 @@ class TrainStep:
         process_group=None,
         backend: str = "inductor",
         fallback: bool = False,
-        meanflow: fm.MeanFlowSettings | None = None,
+        loss: Callable | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model, self.opt, self.ema = model, opt, ema
         self.ctx = ctx if ctx is not None else contextlib.nullcontext()
         self.process_group, self.backend, self.fallback = process_group, backend, fallback
-        self.meanflow = meanflow
+        self.loss = loss or FlowMatching.loss
         device = next(model.parameters()).device
         if mode == "cudagraphs" and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device.type}")
@@ -172,15 +170,10 @@ class TrainStep:
         self._state_ids: list[int] = []
 
     # -- the step's math: the one function every mode runs ---------------------------------------------------
-    def _step(self, z, y, t, eps, lr, ema_w, s=None) -> torch.Tensor:
+    def _step(self, batch: tuple, lr: torch.Tensor, ema_w: torch.Tensor) -> torch.Tensor:
         from torch.optim.adamw import adamw
 
-        if self.meanflow is None:
-            loss = shown = fm.flow_matching_loss(self.model, z, y, t, eps, self.ctx)  # 0-d fp32
-        elif self.meanflow.distill:  # z: a teacher's state at t, eps: its average velocity from t to s
-            loss, shown = fm.average_velocity_loss(self.model, z, y, t, s, eps, self.ctx, self.meanflow)  # 0-d each
-        else:
-            loss, shown = fm.meanflow_loss(self.model, z, y, t, s, eps, self.ctx, self.meanflow)  # 0-d fp32 each
+        loss, shown = self.loss(self.model, batch, self.ctx)  # 0-d fp32 each
         grads = list(torch.autograd.grad(loss, self.params))
         if self.process_group is not None:
             grads = average_over_ranks(grads, self.process_group)
@@ -259,26 +252,16 @@ class TrainStep:
             opts = dict(options=inductor_options(self._lr.device)) if self.backend == "inductor" else {}
         self._fn = torch.compile(self._step, fullgraph=True, dynamic=False, backend=self.backend, **opts)
 
-    def _call(self, z, y, t, eps, s) -> torch.Tensor:
+    def _call(self, batch: tuple) -> torch.Tensor:
         if self.mode == "eager":
-            return self._fn(z, y, t, eps, self._lr, self._ema_w, s)
+            return self._fn(batch, self._lr, self._ema_w)
         if not hasattr(torch._dynamo.config, "trace_autograd_ops"):  # torch < 2.11
             raise RuntimeError("this torch cannot trace torch.autograd.grad (needs torch >= 2.11)")
         with torch._dynamo.config.patch(trace_autograd_ops=True):
-            loss = self._fn(z, y, t, eps, self._lr, self._ema_w, s)
+            loss = self._fn(batch, self._lr, self._ema_w)
         return loss.clone() if self.mode == "cudagraphs" else loss
 
-    def __call__(
-        self,
-        z: torch.Tensor,
-        y: torch.Tensor,
-        t: torch.Tensor,
-        eps: torch.Tensor,
-        lr: float,
-        s: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if (s is None) != (self.meanflow is None):
-            raise ValueError("MeanFlow's step takes s (the later time), flow matching's does not")
+    def __call__(self, batch: tuple, lr: float) -> torch.Tensor:
         first = self._fn is None
         if first or self._stale():
             self._build()
@@ -286,9 +269,9 @@ class TrainStep:
         if self.ema is not None:
             self._ema_w.fill_(self.ema.next_weight())
         if not first or self.mode == "eager":
-            return self._call(z, y, t, eps, s)
+            return self._call(batch)
         try:  # the first call compiles; a failure there has changed no state (tracing runs on fake tensors)
-            return self._call(z, y, t, eps, s)
+            return self._call(batch)
         except Exception as e:
             why = " ".join(str(e).split())[:200] or type(e).__name__
             if not self.fallback:
@@ -296,4 +279,4 @@ class TrainStep:
             print(f"warning: torch.compile of the train step failed ({why}); training eagerly", file=sys.stderr)
             self.mode = "eager"
             self._build()
-            return self._call(z, y, t, eps, s)
+            return self._call(batch)

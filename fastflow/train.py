@@ -4,7 +4,7 @@ With no flags it picks a preset for the device: ``original`` on CUDA (the Rust p
 lr 1e-4, widths 64/128/256; compiled, bf16, replayed as a CUDA graph) and ``cpu`` on a CPU (a smaller U-Net and
 a short schedule sized for a 2-core laptop). Checkpoints go to ``--model-dir`` (./model), sample grids, the loss
 history and its plot to ``--result-dir`` (./result). This module is the command line only: the loop is
-:class:`fastflow.trainer.Trainer`, the step :class:`fastflow.step.TrainStep`.
+:class:`fastflow.trainer.Trainer`, what it learns :mod:`fastflow.objectives`, the step :class:`fastflow.step.TrainStep`.
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ import shlex
 import signal
 import sys
 
-from .checkpoint import has_checkpoint, own_folder
+from .checkpoint import has_checkpoint, init_checkpoint, own_folder
 from .config import ModelConfig, TrainConfig, add_dataclass_args, resolve_preset, validate
 from .device import resolve_device
 from .distributed import Dist, check_same, init_distributed, record_errors, shutdown
 from .errors import ArgumentParser, PeerLost, UserError, cli
 from .io import check_writable
 from .launch import LAUNCHED, plan, run
-from .trainer import Trainer, init_checkpoint
+from .objectives import make_objective
+from .trainer import Trainer
 
 __all__ = ["build_parser", "main", "resume_command"]
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     mcfg, cfg = resolve_preset(args, device.type)
     check_writable(cfg.model_dir, "--model-dir", kind="dir")
     check_writable(cfg.result_dir, "--result-dir", kind="dir")
-    init = init_checkpoint(cfg)  # --init-from: its model config replaces the preset's
+    init = init_checkpoint(cfg.init_from)  # its model config replaces the preset's
     if init is not None:
         mcfg = init[1]
         validate(mcfg, cfg)
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Rank 0 owns the checkpoint folder for the whole run: a second run on it is refused, not interleaved.
         with own_folder(cfg.model_dir) if dist.is_main else contextlib.nullcontext():
-            trainer = Trainer(mcfg, cfg, device, dist)
+            teacher = init[0] if init is not None else None  # what meanflow-distill learns from
+            trainer = Trainer(mcfg, cfg, device, dist, objective=make_objective(cfg, dist, teacher=teacher))
             trainer.resume_command = resume_command(argv, dist)
             resumed = False
             if cfg.resume:
@@ -125,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
                 which = trainer.init_from(init[0])
                 if dist.is_main:
                     print(f"--init-from: starting at step 0 from the {which}; new optimizer")
-            if cfg.mf_distill:  # validate() made sure of --init-from
-                trainer.set_teacher(init[0])
             _install_signal_handlers(trainer)
             trainer.stop_requested = trainer.stop_requested or early.stop_requested
             return trainer.fit()

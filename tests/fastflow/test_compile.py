@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 from fastflow.compile import CompiledSampler, make_sampler
 from fastflow.config import PRESETS, ModelConfig
-from fastflow.solvers import sample, sample_nfe
+from fastflow.solvers import SamplerSpec, sample
 from fastflow.unet import UNet
 
 TINY = ModelConfig(**PRESETS["tiny"][0])
@@ -49,9 +49,10 @@ def test_compiled_sampler_matches_eager():
     model = UNet(TINY).eval()
     _randomise(model, 3)
     labels = torch.tensor([0, 3, 7, 9, 10])  # 10: "no label"
-    want, nfe_want = sample(model, labels, 4, guidance=2.0, generator=torch.Generator().manual_seed(5))
-    sampler = CompiledSampler(model, guidance=2.0)
-    got, nfe = sampler(labels, 4, generator=torch.Generator().manual_seed(5))
+    spec = SamplerSpec(steps=4, guidance=2.0)
+    want, nfe_want = sample(model, labels, spec, generator=torch.Generator().manual_seed(5))
+    sampler = CompiledSampler(model)
+    got, nfe = sampler(labels, spec, generator=torch.Generator().manual_seed(5))
     assert nfe == nfe_want == 8  # guided: cond + uncond per step
     assert got.dtype == torch.float32
     diff = (got - want).abs().max()
@@ -59,8 +60,10 @@ def test_compiled_sampler_matches_eager():
     assert float(want.std()) > 0.01  # the comparison is not between two constant images
     # another step count reuses the same graph (time and step size are tensors)
     graphs = counters["stats"]["unique_graphs"]
-    sampler(labels, 6, generator=torch.Generator().manual_seed(5))
+    sampler(labels, spec.with_steps(6), generator=torch.Generator().manual_seed(5))
     assert counters["stats"]["unique_graphs"] == graphs
+    with pytest.raises(ValueError, match="this sampler serves"):  # one sampler, one family: no silent recompiles
+        sampler(labels, SamplerSpec(steps=4, guidance=3.0))
 
 
 def _graphs() -> int:
@@ -75,19 +78,18 @@ def test_interval_guidance_compiles_one_graph_per_stage_pattern(solver):
     model = _tiny_model()
     labels = torch.tensor([0, 3, 7, 9, 10])
     iv = (0.3, 0.7)
-    sampler = CompiledSampler(model, solver=solver, guidance=2.0, interval=iv, backend="aot_eager")
+    sampler = CompiledSampler(model, backend="aot_eager")
     seen: set[tuple[bool, ...]] = set()
     # RK4 traces a graph per pattern of its four stages: 4 and 2 steps already straddle both bounds (5 patterns)
     for steps in (10, 5, 10) if solver == "euler" else (4, 2, 4):
         before = _graphs()
-        got, nfe = sampler(labels, steps, generator=torch.Generator().manual_seed(5))
-        new = set(sampler.plan(steps)) - seen
+        spec = SamplerSpec(solver, steps, 2.0, interval=iv)
+        got, nfe = sampler(labels, spec, generator=torch.Generator().manual_seed(5))
+        new = set(spec.plan) - seen
         assert _graphs() - before == len(new), f"{steps} steps: one graph per new stage pattern, none per step"
         seen |= new
-        want, nfe_want = sample(
-            model, labels, steps, solver=solver, guidance=2.0, interval=iv, generator=torch.Generator().manual_seed(5)
-        )
-        assert nfe == nfe_want == sample_nfe(steps, solver, 2.0, "uniform", iv)
+        want, nfe_want = sample(model, labels, spec, generator=torch.Generator().manual_seed(5))
+        assert nfe == nfe_want == spec.nfe
         diff = float((got - want).abs().max())
         assert diff <= 1e-5, f"{solver}, {steps} steps: compiled vs eager max |Δ| {diff:.3g}"
     if solver == "euler":
@@ -101,7 +103,8 @@ def test_interval_0_1_is_full_guidance_and_an_empty_one_none():
     labels = torch.arange(10)
 
     def run(**kw):
-        return CompiledSampler(model, backend="aot_eager", **kw)(labels, 4, generator=torch.Generator().manual_seed(2))
+        spec = SamplerSpec(steps=4, **kw)
+        return CompiledSampler(model, backend="aot_eager")(labels, spec, generator=torch.Generator().manual_seed(2))
 
     full, nfe_full = run(guidance=2.0)
     got, nfe = run(guidance=2.0, interval=(0.0, 1.0))
@@ -117,10 +120,10 @@ def test_chunks_run_at_one_batch_size():
     starts 4 labels into the tensor: no recompile for that either), and the same images as one eager batch."""
     model = _tiny_model()
     labels = torch.arange(11) % 10
-    want, _ = sample(model, labels, 3, generator=torch.Generator().manual_seed(4))
+    want, _ = sample(model, labels, SamplerSpec(steps=3), generator=torch.Generator().manual_seed(4))
     sampler = CompiledSampler(model, batch_size=4, backend="aot_eager")
     before = _graphs()
-    got, nfe = sampler(labels, 3, generator=torch.Generator().manual_seed(4))
+    got, nfe = sampler(labels, SamplerSpec(steps=3), generator=torch.Generator().manual_seed(4))
     assert _graphs() - before == 1 and nfe == 3
     diff = float((got - want).abs().max())
     assert diff <= 1e-5, f"chunked compiled vs one eager batch: max |Δ| {diff:.3g}"
@@ -133,18 +136,17 @@ def test_static_shapes_each_batch_size_compiles_its_own_graph():
     sampler = CompiledSampler(model, backend="aot_eager")
     before = _graphs()
     for b in (3, 4, 5, 3, 4, 5):
-        sampler(torch.arange(b), 2, generator=torch.Generator().manual_seed(0))
+        sampler(torch.arange(b), SamplerSpec(steps=2), generator=torch.Generator().manual_seed(0))
     assert _graphs() - before == 3
 
 
 def test_make_sampler_eager_is_sample():
     model = _tiny_model()
     labels = torch.arange(12) % 11  # 10: "no label"
-    draw = make_sampler(model, compiled=False, solver="heun", guidance=2.0, interval=(0.2, 0.6), batch_size=5)
-    got, nfe = draw(labels, 3, generator=torch.Generator().manual_seed(8))
-    want, nfe_want = sample(
-        model, labels, 3, solver="heun", guidance=2.0, interval=(0.2, 0.6), generator=torch.Generator().manual_seed(8)
-    )
+    spec = SamplerSpec("heun", 3, 2.0, interval=(0.2, 0.6))
+    draw = make_sampler(model, compiled=False, batch_size=5)
+    got, nfe = draw(labels, spec, generator=torch.Generator().manual_seed(8))
+    want, nfe_want = sample(model, labels, spec, generator=torch.Generator().manual_seed(8))
     assert nfe == nfe_want and float((got - want).abs().max()) <= 1e-5
     assert isinstance(make_sampler(model, compiled=True, batch_size=5), CompiledSampler)
 
@@ -160,10 +162,11 @@ def test_cuda_graph_sampler_matches_eager():
     model = UNet(TINY).to(dev).eval()
     _randomise(model, 3)
     labels = torch.arange(10, device=dev)
-    want, _ = sample(model, labels, 5, generator=torch.Generator(dev).manual_seed(5))
+    spec = SamplerSpec(steps=5)
+    want, _ = sample(model, labels, spec, generator=torch.Generator(dev).manual_seed(5))
     sampler = CompiledSampler(model, cuda_graphs=True)
-    got, _ = sampler(labels, 5, generator=torch.Generator(dev).manual_seed(5))
-    again, _ = sampler(labels, 5, generator=torch.Generator(dev).manual_seed(5))  # a replay
+    got, _ = sampler(labels, spec, generator=torch.Generator(dev).manual_seed(5))
+    again, _ = sampler(labels, spec, generator=torch.Generator(dev).manual_seed(5))  # a replay
     assert (got - want).abs().max() <= 1e-4
     assert torch.equal(got, again)
 
@@ -175,14 +178,14 @@ def test_ab2_carries_its_last_derivative_between_compiled_steps():
     model = _tiny_model()
     labels = torch.tensor([0, 3, 7, 9, 10])
     iv = (0.3, 0.7)
-    sampler = CompiledSampler(model, solver="ab2", guidance=2.0, interval=iv, backend="aot_eager")
+    sampler = CompiledSampler(model, backend="aot_eager")
     for steps in (6, 3):
-        got, nfe = sampler(labels, steps, generator=torch.Generator().manual_seed(5))
-        want, nfe_want = sample(
-            model, labels, steps, solver="ab2", guidance=2.0, interval=iv, generator=torch.Generator().manual_seed(5)
-        )
-        euler, _ = sample(model, labels, steps, guidance=2.0, interval=iv, generator=torch.Generator().manual_seed(5))
-        assert nfe == nfe_want == sample_nfe(steps, "ab2", 2.0, "uniform", iv)
+        spec = SamplerSpec("ab2", steps, 2.0, interval=iv)
+        got, nfe = sampler(labels, spec, generator=torch.Generator().manual_seed(5))
+        want, nfe_want = sample(model, labels, spec, generator=torch.Generator().manual_seed(5))
+        euler_spec = SamplerSpec("euler", steps, 2.0, interval=iv)
+        euler, _ = sample(model, labels, euler_spec, generator=torch.Generator().manual_seed(5))
+        assert nfe == nfe_want == spec.nfe
         diff, gap = float((got - want).abs().max()), float((euler - want).abs().max())
         assert diff <= 1e-5, f"{steps} steps: compiled vs eager AB2 max |Δ| {diff:.3g}"
         assert gap > 1e-3, f"{steps} steps: AB2 and Euler should differ here (max |Δ| {gap:.3g})"

@@ -57,7 +57,7 @@ def fit(self):
         {
             "weights": snaps,
             "ema": {k: v.cpu() for k, v in self.ema.shadow.state_dict().items()},
-            "history": self.history,
+            "history": self.log.rows,
             "process_group": torch.distributed.is_initialized(),
             "world_size": self.dist.world_size,
             "averages_over": self.train_fn.process_group is not None,
@@ -82,6 +82,7 @@ import torch
 import torch.distributed as tdist
 from fastflow import path as fm
 from fastflow.distributed import Dist, broadcast_module
+from fastflow.objectives import FlowBatch
 from fastflow.step import TrainStep, make_optimizer
 from fastflow.config import PRESETS, ModelConfig
 from fastflow.device import autocast
@@ -116,7 +117,7 @@ ema = EMA(model, 0.999, 10)
 start = {k: v.clone() for k, v in model.state_dict().items()}
 step = TrainStep(model, opt, ema, ctx, mode=mode, process_group=tdist.group.WORLD, backend="aot_eager")
 lo, hi = rank * B // world, (rank + 1) * B // world
-losses = [step(*(x[lo:hi] for x in b), lr) for b, lr in zip(batches, lrs)]
+losses = [step(FlowBatch(*(x[lo:hi] for x in b)), lr) for b, lr in zip(batches, lrs)]
 rec = {"weights": {k: v.clone() for k, v in model.state_dict().items()},
        "ema": {k: v.clone() for k, v in ema.shadow.state_dict().items()}, "losses": torch.stack(losses), "start": start}
 if rank == 0:

@@ -106,7 +106,7 @@ def test_checkpoint_samples_with_ema_by_default(tmp_path):
 def test_sample_cli_uses_ema_unless_told(tmp_path):
     """``python -m fastflow.sample`` draws with the EMA weights; ``--no-ema`` with the raw ones."""
     from fastflow.sample import main
-    from fastflow.solvers import sample
+    from fastflow.solvers import SamplerSpec, sample
 
     raw, ema = _tiny_unet(0), _tiny_unet(1)
     save_checkpoint(tmp_path / "ck", raw, raw.cfg, ema=ema, step=3)
@@ -131,6 +131,6 @@ def test_sample_cli_uses_ema_unless_told(tmp_path):
     labels = torch.tensor([2, 2, 5, 5])
     for net, got in ((ema, a), (raw, b)):
         with torch.no_grad():
-            want, _ = sample(net.eval(), labels, 2, generator=torch.Generator().manual_seed(0))
+            want, _ = sample(net.eval(), labels, SamplerSpec(steps=2), generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert not torch.allclose(a, b)

@@ -232,13 +232,15 @@ def test_grid_end_to_end(tiny, capsys, monkeypatch):
 
     # --resume with one more guidance scale: only the new settings are generated, the old rows are kept.
     ran = []
-    real = ev.make_sampler
-    monkeypatch.setattr(ev, "make_sampler", lambda *a, **k: ran.append(k["guidance"]) or real(*a, **k))
+    real = ev.generate
+    monkeypatch.setattr(
+        ev, "generate", lambda draw, n, spec, **k: ran.append(spec.guidance) or real(draw, n, spec, **k)
+    )
     assert ev.main([*common, *grid, "--guidance", "1,2,0", "--out", str(out), "--resume"]) == 0
     again = json.loads(out.read_text())
     assert ran and set(ran) == {0.0}
     assert [r for r in again["results"] if r["guidance"] != 0.0] == rep["results"]
-    monkeypatch.setattr(ev, "make_sampler", real)
+    monkeypatch.setattr(ev, "generate", real)
 
     # A guidance interval: its cost is counted stage by stage, in chunks of 7 images.
     iv_out = tiny / "iv.json"

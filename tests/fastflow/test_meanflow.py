@@ -26,15 +26,16 @@ from gaussian_path import v as _v
 from torch._dynamo.utils import counters
 
 from fastflow import path as fm
-from fastflow.checkpoint import load_checkpoint, save_checkpoint
+from fastflow.checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
 from fastflow.compile import CompiledSampler
 from fastflow.config import PRESETS, ModelConfig, TrainConfig, resolve_configs
 from fastflow.ema import EMA
 from fastflow.errors import UserError
-from fastflow.path import NO_LABEL, MeanFlowSettings, meanflow_loss, meanflow_target
-from fastflow.solvers import integrate, sample, sample_nfe, steps_for_nfe, time_grid
+from fastflow.objectives import FlowBatch, MeanFlow, MeanFlowBatch, PairBatch
+from fastflow.path import NO_LABEL, meanflow_loss, meanflow_target
+from fastflow.solvers import SamplerSpec, integrate, sample, time_grid
 from fastflow.step import TrainStep, make_optimizer
-from fastflow.trainer import Trainer, init_checkpoint
+from fastflow.trainer import Trainer
 from fastflow.unet import UNet
 
 MICRO = ModelConfig(channels=(4,), emb_dim=8, groups=1, mean_flow=True)  # test_step.py's smallest U-Net
@@ -112,10 +113,10 @@ def test_loss_of_the_exact_field_of_one_image_is_zero(guidance):
     t, s = fm.sample_time_pair(b, 0.4, 1.0, 0.5, g, "cpu")
     t = t.clamp_max(0.95)  # the field divides by 1 − t
     y = torch.tensor([0, 1, 2, 3, NO_LABEL, 5, 6, NO_LABEL])
-    settings = MeanFlowSettings(guidance=guidance, adaptive_p=1.0)
-    loss, mse = meanflow_loss(OneImage(z0), z, y, t, s, eps, torch.autocast("cpu", enabled=False), settings)
+    ctx = torch.autocast("cpu", enabled=False)
+    loss, mse = meanflow_loss(OneImage(z0), z, y, t, s, eps, ctx, guidance=guidance, adaptive_p=1.0)
     assert float(mse) < 1e-9 and float(loss) < 1e-6, (float(mse), float(loss))
-    _, mse = meanflow_loss(OneImage(z0, -1.0), z, y, t, s, eps, torch.autocast("cpu", enabled=False), settings)
+    _, mse = meanflow_loss(OneImage(z0, -1.0), z, y, t, s, eps, ctx, guidance=guidance, adaptive_p=1.0)
     assert float(mse) > 0.1
 
 
@@ -143,7 +144,7 @@ def test_loss_and_gradient_against_the_written_out_formula(p, w):
     y = torch.tensor([1, NO_LABEL, 3, 4, NO_LABEL, 9])
     model = Linear()
     ctx = torch.autocast("cpu", enabled=False)
-    loss, mse = meanflow_loss(model, z, y, t, s, eps, ctx, MeanFlowSettings(guidance=w, adaptive_p=p))
+    loss, mse = meanflow_loss(model, z, y, t, s, eps, ctx, guidance=w, adaptive_p=p)
     loss.backward()
     # by hand
     col = (-1, 1, 1, 1)
@@ -234,20 +235,27 @@ def _batches(n: int, b: int = 16):
     for _ in range(n):
         z, y = torch.rand(b, 1, 28, 28, generator=g) * 2 - 1, torch.randint(0, 11, (b,), generator=g)
         t, s = fm.sample_time_pair(b, 0.4, 1.0, 0.5, g, "cpu")
-        out.append((z, y, t, torch.randn(b, 1, 28, 28, generator=g), s))
+        out.append(MeanFlowBatch(z, y, t, s, torch.randn(b, 1, 28, 28, generator=g)))
     return out
 
 
-SETTINGS = MeanFlowSettings(guidance=2.0, adaptive_p=1.0)
-# --mf-distill's loss through the same step: z is read as a state x_t, eps as the target average velocity
-DISTILL = MeanFlowSettings(adaptive_p=1.0, distill=True)
+MEANFLOW = MeanFlow(None, guidance=2.0, adaptive_p=1.0).loss
+
+
+def DISTILL(model, batch: PairBatch, ctx):  # noqa: N802 - a loss like MEANFLOW
+    """meanflow-distill's loss (MeanFlowDistill.loss, whose objective needs a teacher checkpoint) through the same
+    step: the batch's z read as a state x_t, eps as the target average velocity."""
+    return fm.average_velocity_loss(model, *batch, ctx, adaptive_p=1.0)
+
+
 LRS = (1e-3, 2e-3, 3e-3)
 
 
-def _run(mode: str, backend: str = "inductor", settings: MeanFlowSettings = SETTINGS):
+def _run(mode: str, backend: str = "inductor", loss=MEANFLOW):
     model, opt, ema = _parts()
-    step = TrainStep(model, opt, ema, mode=mode, backend=backend, meanflow=settings)
-    losses = torch.stack([step(z, y, t, eps, lr, s) for (z, y, t, eps, s), lr in zip(_batches(3), LRS)])
+    step = TrainStep(model, opt, ema, mode=mode, backend=backend, loss=loss)
+    batches = [b if loss is MEANFLOW else PairBatch(b.z, b.y, b.t, b.s, b.eps) for b in _batches(3)]
+    losses = torch.stack([step(b, lr) for b, lr in zip(batches, LRS)])
     return step, model, ema, losses
 
 
@@ -257,16 +265,16 @@ def _run(mode: str, backend: str = "inductor", settings: MeanFlowSettings = SETT
 BACKENDS = ["aot_eager"] + (["inductor"] if os.environ.get("FASTFLOW_TEST_INDUCTOR") == "1" else [])
 
 
-@pytest.mark.parametrize("settings", [SETTINGS, DISTILL], ids=["meanflow", "distill"])
+@pytest.mark.parametrize("loss", [MEANFLOW, DISTILL], ids=["meanflow", "distill"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_meanflow_step_matches_eager(backend, settings):
+def test_compiled_meanflow_step_matches_eager(backend, loss):
     """The one step, with the JVP, guidance and adaptive weights (or distillation's loss), compiled as one graph
     without breaks; within test_step.py's compiled-vs-eager bounds (first loss rtol 1e-5; every weight within 2% of
     Σlr)."""
-    _, m_ref, ema_ref, loss_ref = _run("eager", settings=settings)
+    _, m_ref, ema_ref, loss_ref = _run("eager", loss=loss)
     torch._dynamo.reset()
     counters.clear()
-    step, model, ema, losses = _run("compile", backend, settings)
+    step, model, ema, losses = _run("compile", backend, loss)
     assert step.mode == "compile"
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
@@ -298,12 +306,12 @@ def test_cuda_graph_meanflow_step_matches_eager(amp):
         return model, make_optimizer(model.parameters(), 1e-3, 0.0), EMA(model, 0.999, 10)
 
     m_ref, opt_ref, ema_ref = build()
-    ref = TrainStep(m_ref, opt_ref, ema_ref, autocast(dev, None), meanflow=SETTINGS)
+    ref = TrainStep(m_ref, opt_ref, ema_ref, autocast(dev, None), loss=MEANFLOW)
     model, opt, ema = build()
-    step = TrainStep(model, opt, ema, autocast(dev, amp), mode="cudagraphs", meanflow=SETTINGS)
-    for (z, y, t, eps, s), lr in zip(batches, LRS):
-        loss_ref = ref(z, y, t, eps, lr, s)
-        loss = step(z, y, t, eps, lr, s)
+    step = TrainStep(model, opt, ema, autocast(dev, amp), mode="cudagraphs", loss=MEANFLOW)
+    for b, lr in zip(batches, LRS):
+        loss_ref = ref(MeanFlowBatch(*b), lr)
+        loss = step(MeanFlowBatch(*b), lr)
     assert step.mode == "cudagraphs"
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4 if amp is None else 2e-2, atol=0)
     max_share, mean_share = (0.02, 1e-3) if amp is None else (2.05, 0.1)
@@ -313,14 +321,18 @@ def test_cuda_graph_meanflow_step_matches_eager(amp):
         assert float(d.max()) <= max_share * budget and float(d.mean()) <= mean_share * budget, (name, float(d.max()))
 
 
-def test_step_refuses_a_missing_or_extra_s():
+def test_step_refuses_another_objectives_batch():
+    """A batch is its objective's named tuple: MeanFlow's step given flow matching's batch (no s) fails before
+    any update, and a flow-matching U-Net refuses MeanFlow's s."""
     model, opt, ema = _parts()
-    z, y, t, eps, s = _batches(1)[0]
-    with pytest.raises(ValueError, match="takes s"):
-        TrainStep(model, opt, ema, meanflow=SETTINGS)(z, y, t, eps, 1e-3)
+    b = _batches(1)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError):
+        TrainStep(model, opt, ema, loss=MEANFLOW)(FlowBatch(b.z, b.y, b.t, b.eps), 1e-3)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     flow = UNet(ModelConfig(channels=(4,), emb_dim=8, groups=1))
-    with pytest.raises(ValueError, match="takes s"):
-        TrainStep(flow, make_optimizer(flow.parameters(), 1e-3, 0.0), None)(z, y, t, eps, 1e-3, s)
+    with pytest.raises(ValueError, match="no second time input"):
+        TrainStep(flow, make_optimizer(flow.parameters(), 1e-3, 0.0), None, loss=MEANFLOW)(b, 1e-3)
 
 
 # -- settings, the trainer, resume, --init-from -------------------------------------------------------------
@@ -332,7 +344,7 @@ def test_objective_sets_the_unet_and_checks():
     assert not resolve_configs("tiny", "cpu")[0].mean_flow
     with pytest.raises(UserError, match="needs a U-Net with the mean-flow gap input"):
         resolve_configs("tiny", "cpu", model={"mean_flow": False}, train={"objective": "meanflow"})
-    with pytest.raises(UserError, match="--init-from .* needs --objective meanflow"):
+    with pytest.raises(UserError, match="--init-from .* needs --objective meanflow or meanflow-distill"):
         resolve_configs("tiny", "cpu", train={"init_from": "model"})
     with pytest.raises(UserError, match="--mf-equal-share must be in"):
         resolve_configs("tiny", "cpu", train={"objective": "meanflow", "mf_equal_share": 1.5})
@@ -390,7 +402,7 @@ def test_init_from_a_flow_checkpoint_starts_at_its_field(mnist_root, tmp_path):
     _randomise(ema, 6)
     save_checkpoint(tmp_path / "flow", raw, flow_cfg, None, ema, None, 123)
     cfg = _cfg(tmp_path, mnist_root, "mf", max_steps=1, init_from=str(tmp_path / "flow"))
-    ck, mcfg = init_checkpoint(cfg)
+    ck, mcfg = init_checkpoint(cfg.init_from)
     assert mcfg == TINY
     trainer = Trainer(mcfg, cfg, torch.device("cpu"))
     which = trainer.init_from(ck)
@@ -428,11 +440,10 @@ class Recorder(torch.nn.Module):
 def test_meanflow_sampler_update_and_nfe(guidance):
     labels = torch.tensor([0, 3, 7])
     model = Recorder()
-    images, nfe = sample(
-        model, labels, 4, solver="meanflow", guidance=guidance, generator=torch.Generator().manual_seed(0)
-    )
+    spec = SamplerSpec("meanflow", 4, guidance)
+    images, nfe = sample(model, labels, spec, generator=torch.Generator().manual_seed(0))
     cost = 1 if guidance == 1.0 else 2
-    assert nfe == 4 * cost == sample_nfe(4, "meanflow", guidance) and len(model.calls) == 4
+    assert nfe == 4 * cost == spec.nfe and len(model.calls) == 4
     assert model.calls == [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)]
     x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     col = (-1, 1, 1, 1)
@@ -441,12 +452,12 @@ def test_meanflow_sampler_update_and_nfe(guidance):
         uu = x * (s - t) + 1.0
         x = x + (s - t) * (uu + guidance * (uc - uu))
     torch.testing.assert_close(images, x.clamp(-1, 1).add(1).mul(0.5), rtol=0, atol=1e-6)
-    assert steps_for_nfe(7, "meanflow", guidance) == 7 // cost
+    assert SamplerSpec.for_nfe(7, "meanflow", guidance).steps == 7 // cost
 
 
 def test_meanflow_solver_on_a_flow_unet_is_refused():
     with pytest.raises(ValueError, match="no second time input"):
-        sample(UNet(ModelConfig(**PRESETS["tiny"][0])), torch.arange(2), 1, solver="meanflow")
+        sample(UNet(ModelConfig(**PRESETS["tiny"][0])), torch.arange(2), SamplerSpec("meanflow", 1))
 
 
 def test_compiled_meanflow_sampler_matches_eager():
@@ -455,11 +466,10 @@ def test_compiled_meanflow_sampler_matches_eager():
     model = UNet(TINY).eval()
     _randomise(model, 3)
     labels = torch.tensor([0, 3, 7, 9, 10])
-    want, nfe_want = sample(
-        model, labels, 2, solver="meanflow", guidance=2.0, generator=torch.Generator().manual_seed(5)
-    )
-    sampler = CompiledSampler(model, solver="meanflow", guidance=2.0, backend="aot_eager")
-    got, nfe = sampler(labels, 2, generator=torch.Generator().manual_seed(5))
+    spec = SamplerSpec("meanflow", 2, 2.0)
+    want, nfe_want = sample(model, labels, spec, generator=torch.Generator().manual_seed(5))
+    sampler = CompiledSampler(model, backend="aot_eager")
+    got, nfe = sampler(labels, spec, generator=torch.Generator().manual_seed(5))
     assert nfe == nfe_want == 4
     assert float((got - want).abs().max()) <= 1e-5 and float(want.std()) > 0.01
     torch._dynamo.reset()

@@ -1,4 +1,4 @@
-"""MeanFlow distillation (``--mf-distill K``): the average velocity between two states of a teacher's trajectory
+"""MeanFlow distillation (``--objective meanflow-distill``): the average velocity between two states of a teacher's trajectory
 against the closed form of a Gaussian path, the pairs drawn, the trajectories the trainer makes against the
 sampler's own run of the teacher, a resumed run bit for bit, and the refusals.
 
@@ -18,12 +18,12 @@ from gaussian_path import u as _u
 from gaussian_path import v as _v
 
 from fastflow import path as fm
-from fastflow.checkpoint import load_checkpoint, save_checkpoint
+from fastflow.checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
 from fastflow.config import PRESETS, ModelConfig, TrainConfig, resolve_configs
 from fastflow.errors import UserError
-from fastflow.sampling_args import DEFAULT_INTERVAL
-from fastflow.solvers import initial_noise, integrate, sample, time_grid, to_unit
-from fastflow.trainer import TRAJECTORY_CHUNK, Trainer, init_checkpoint
+from fastflow.objectives import TRAJECTORY_CHUNK, MeanFlowDistill, make_objective
+from fastflow.solvers import DEFAULT_INTERVAL, SamplerSpec, initial_noise, integrate, sample, time_grid, to_unit
+from fastflow.trainer import Trainer
 from fastflow.unet import UNet
 
 FLOW = ModelConfig(**PRESETS["tiny"][0])
@@ -84,13 +84,12 @@ def test_average_velocity_loss_is_zero_at_the_target():
     y = torch.zeros(32, dtype=torch.int64)
     ctx = contextlib.nullcontext()
     # the loss takes the network's output as fp32 (it may come from bf16): zero up to fp32 rounding
-    loss, mse = fm.average_velocity_loss(Exact(), x, y, t, s, u, ctx)
+    loss, mse = fm.average_velocity_loss(Exact(), x, y, t, s, u, ctx, adaptive_p=0.0)
     assert float(loss) == float(mse) < 1e-12
-    loss, mse = fm.average_velocity_loss(Exact(), x, y, t, s, -u, ctx)
+    loss, mse = fm.average_velocity_loss(Exact(), x, y, t, s, -u, ctx, adaptive_p=0.0)
     torch.testing.assert_close(mse, (2 * u.float()).pow(2).mean().double())
     # the adaptive weight: the mean of |Δ|²/(|Δ|² + c)^p per image, the mse unweighted
-    settings = fm.MeanFlowSettings(adaptive_p=0.5, adaptive_c=1e-3)
-    loss_w, mse_w = fm.average_velocity_loss(Exact(), x, y, t, s, -u, ctx, settings)
+    loss_w, mse_w = fm.average_velocity_loss(Exact(), x, y, t, s, -u, ctx, adaptive_p=0.5, adaptive_c=1e-3)
     per = (2 * u.float()).pow(2).flatten(1).mean(1).double()
     torch.testing.assert_close(loss_w, (per / (per + 1e-3).sqrt()).mean())
     assert float(mse_w) == float(mse)
@@ -108,29 +107,29 @@ def _teacher(tmp_path):
 def _cfg(tmp_path, name: str, **kw) -> TrainConfig:
     base = {**PRESETS["tiny"][1], "log_every": 2, "num_epochs": 1, "batch_size": 16}
     return TrainConfig(
-        **{**base, **kw}, preset="tiny", amp="none", sample_steps=1, objective="meanflow", mf_guidance=2.0,
-        mf_distill=2, mf_distill_trajectories=200, init_from=str(tmp_path / "flow"),
+        **{**base, **kw}, preset="tiny", amp="none", sample_steps=1, objective="meanflow-distill",
+        teacher_guidance=2.0, distill_steps=2, distill_trajectories=200, init_from=str(tmp_path / "flow"),
         model_dir=str(tmp_path / name), result_dir=str(tmp_path / f"{name}-r"),
     )  # fmt: skip
 
 
 def _trainer(cfg: TrainConfig, resume: bool = False) -> Trainer:
-    ck, mcfg = init_checkpoint(cfg)
-    trainer = Trainer(mcfg, cfg, torch.device("cpu"))
+    ck, mcfg = init_checkpoint(cfg.init_from)
+    trainer = Trainer(mcfg, cfg, torch.device("cpu"), objective=make_objective(cfg, teacher=ck))
     if not (resume and trainer.resume()):
         trainer.init_from(ck)
-    trainer.set_teacher(ck)
     return trainer
 
 
 def test_trajectories_are_the_teachers_guided_midpoint_runs(tmp_path):
-    """Chunk c of the set: labels and noise from seed·1000003 + c, then K midpoint steps guided at --mf-guidance
-    in [0.2, 0.7]: its last state is what ``sample`` draws from the same generator, and its first the noise."""
+    """Chunk c of the set: labels and noise from seed·1000003 + c, then K midpoint steps guided at
+    --teacher-guidance in [0.2, 0.7]: its last state is what ``sample`` draws from the same generator, and its first
+    the noise."""
     teacher = _teacher(tmp_path)
     cfg = _cfg(tmp_path, "mf", max_steps=1)
     trainer = _trainer(cfg)
     assert trainer.loader is None  # made in fit(), inside the time budget, not at construction
-    trainer.make_trajectories()
+    trainer.prepare()
     states, labels = trainer.loader.images, trainer.loader.labels
     assert states.shape == (TRAJECTORY_CHUNK, 3, 1, 28, 28)  # 200 rounded up to one chunk
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003)
@@ -139,7 +138,7 @@ def test_trajectories_are_the_teachers_guided_midpoint_runs(tmp_path):
     after_labels = g.get_state()
     assert torch.equal(states[:, 0], initial_noise(y, (1, 28, 28), g))
     g.set_state(after_labels)
-    images, nfe = sample(teacher, y, 2, solver="midpoint", guidance=2.0, interval=DEFAULT_INTERVAL, generator=g)
+    images, nfe = sample(teacher, y, SamplerSpec("midpoint", 2, 2.0, interval=DEFAULT_INTERVAL), generator=g)
     assert nfe == 6  # stages at 0, 0.25, 0.5, 0.75: the middle two guided
     torch.testing.assert_close(to_unit(states[:, -1].clone()), images, rtol=0, atol=1e-6)
     assert float((states[:, 1] - states[:, 0]).abs().mean()) > 0.01  # the teacher moved them
@@ -154,7 +153,7 @@ def test_distill_run_trains_on_pairs_and_resumes_bit_identically(tmp_path):
     assert again.step == 2
     again.fit()
     a, b = load_checkpoint(tmp_path / "ref"), load_checkpoint(tmp_path / "run")
-    assert a.step == b.step == 4 and a.objective == "meanflow" and a.model_cfg == TINY_MF
+    assert a.step == b.step == 4 and a.objective == "meanflow-distill" and a.model_cfg == TINY_MF
     for wa, wb in ((a.weights, b.weights), (a.ema_weights, b.ema_weights)):
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
     first = load_checkpoint(tmp_path / "flow")
@@ -162,14 +161,14 @@ def test_distill_run_trains_on_pairs_and_resumes_bit_identically(tmp_path):
 
 
 def test_distill_refusals(tmp_path):
-    with pytest.raises(UserError, match="--mf-distill learns from a teacher's trajectories"):
-        resolve_configs("tiny", "cpu", train={"objective": "meanflow", "mf_distill": 2})
-    with pytest.raises(UserError, match="--mf-distill must be >= 0"):
-        resolve_configs("tiny", "cpu", train={"objective": "meanflow", "mf_distill": -1, "init_from": "x"})
+    with pytest.raises(UserError, match="meanflow-distill learns from a teacher's trajectories: give --init-from"):
+        resolve_configs("tiny", "cpu", train={"objective": "meanflow-distill"})
+    with pytest.raises(UserError, match="--distill-steps must be > 0"):
+        resolve_configs("tiny", "cpu", train={"objective": "meanflow-distill", "distill_steps": 0, "init_from": "x"})
     _teacher(tmp_path)
     trainer = _trainer(_cfg(tmp_path, "mf", max_steps=1))
     save_checkpoint(tmp_path / "mfmodel", trainer.model, TINY_MF, None, None, None, 1)
     with pytest.raises(UserError, match="holds a MeanFlow model; the teacher must be a flow-matching one"):
-        trainer.set_teacher(load_checkpoint(tmp_path / "mfmodel", with_state=False))
+        MeanFlowDistill(load_checkpoint(tmp_path / "mfmodel", with_state=False))
     with pytest.raises(UserError, match="--batch-size 512 is larger than the 256 trajectories"):
         _trainer(_cfg(tmp_path, "big", batch_size=512))

@@ -12,8 +12,7 @@ import torch
 from fastflow.errors import UserError
 from fastflow.evaluate import build_parser as evaluate_parser
 from fastflow.sample import build_parser as sample_parser
-from fastflow.sampling_args import DEFAULT_BATCH_SIZE, FLAGS, resolve_batch_size, resolve_steps
-from fastflow.solvers import sample_nfe
+from fastflow.sampling_args import DEFAULT_BATCH_SIZE, FLAGS, resolve_batch_size, resolve_spec
 
 
 def _options(parser) -> dict[str, object]:
@@ -110,15 +109,15 @@ def test_batch_size_default_per_device_and_refused_when_not_positive():
             resolve_batch_size(bad, torch.device("cpu"))
 
 
-def test_resolve_steps_spends_an_nfe_budget_exactly_with_an_interval():
+def test_resolve_spec_spends_an_nfe_budget_exactly_with_an_interval():
     iv = (0.5, 1.0)  # Euler on a uniform grid: the second half of the steps costs 2 at w = 2
-    steps = resolve_steps(None, 10, "euler", 2.0, "uniform", iv)
-    assert steps == 7 and sample_nfe(7, "euler", 2.0, "uniform", iv) == 10  # t = 0, 1/7, ..., 6/7: 3 out, 4 in
-    assert resolve_steps(None, 10, "euler", 2.0) == 5  # guided everywhere
+    spec = resolve_spec(None, 10, "euler", 2.0, "uniform", iv)
+    assert spec.steps == 7 and spec.nfe == 10  # t = 0, 1/7, ..., 6/7: 3 out, 4 in
+    assert resolve_spec(None, 10, "euler", 2.0).steps == 5  # guided everywhere
     with pytest.raises(UserError, match="--nfe 1 is less than one rk4 step costs"):
-        resolve_steps(None, 1, "rk4", 2.0, "uniform", iv)
+        resolve_spec(None, 1, "rk4", 2.0, "uniform", iv)
     with pytest.raises(UserError, match="give --steps or --nfe, not both"):
-        resolve_steps(3, 3, "euler", 1.0)
+        resolve_spec(3, 3, "euler", 1.0)
 
 
 def _readme_block(prog: str) -> str:

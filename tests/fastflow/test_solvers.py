@@ -14,12 +14,11 @@ from fastflow.solvers import (
     ODE_SOLVERS,
     STAGES,
     GuidedField,
+    SamplerSpec,
     chunks,
     integrate,
     sample,
-    sample_nfe,
     stage_plan,
-    steps_for_nfe,
     time_grid,
 )
 from fastflow.unet import UNet
@@ -101,19 +100,47 @@ class CountingModel(torch.nn.Module):
 def test_nfe_is_counted_not_assumed(solver, guidance):
     model, b, steps = CountingModel(), 6, 3
     labels = torch.arange(b) % 10
-    _, nfe = sample(model, labels, steps, solver=solver, guidance=guidance, shape=(1, 2, 2))
+    _, nfe = sample(model, labels, SamplerSpec(solver, steps, guidance), shape=(1, 2, 2))
     per_image = model.images / b  # what the network actually saw, per image
     assert nfe == per_image == steps * STAGES[solver] * (1 if guidance in (0.0, 1.0) else 2)
     assert model.calls == steps * STAGES[solver]  # guided halves go in one batched call
 
 
-def test_steps_for_nfe():
-    assert steps_for_nfe(8, "euler") == 8
-    assert steps_for_nfe(8, "euler", 2.0) == 4
-    assert steps_for_nfe(9, "midpoint") == 4
-    assert steps_for_nfe(8, "rk4", 0.0) == 2
-    assert steps_for_nfe(4, "rk4", 4.0) == 0  # a guided RK4 step costs 8
-    assert steps_for_nfe(16, "rk4", 4.0) == 2
+def _steps_for(nfe: int, *args) -> int:
+    spec = SamplerSpec.for_nfe(nfe, *args)
+    return 0 if spec is None else spec.steps
+
+
+def test_spec_for_an_nfe_budget():
+    assert _steps_for(8, "euler") == 8
+    assert _steps_for(8, "euler", 2.0) == 4
+    assert _steps_for(9, "midpoint") == 4
+    assert _steps_for(8, "rk4", 0.0) == 2
+    assert SamplerSpec.for_nfe(4, "rk4", 4.0) is None  # a guided RK4 step costs 8
+    assert _steps_for(16, "rk4", 4.0) == 2
+    spec = SamplerSpec.for_nfe(10, "midpoint", 2.0, "quadratic", (0.3, 0.7))
+    assert (spec.solver, spec.guidance, spec.grid, spec.interval) == ("midpoint", 2.0, "quadratic", (0.3, 0.7))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(solver="rk5"), "unknown solver"),
+        (dict(grid="cubic"), "unknown time grid"),
+        (dict(steps=0), "steps must be"),
+        (dict(interval=(0.7, 0.2)), "need 0 <= LO < HI <= 1"),
+    ],
+)
+def test_spec_refuses_what_cannot_run(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplerSpec(**kw)
+
+
+def test_spec_plan_and_nfe_are_the_stage_plans():
+    spec = SamplerSpec("heun", 5, 2.0, "quadratic", (0.3, 0.7))
+    assert spec.plan == stage_plan(time_grid(5, "quadratic"), "heun", (0.3, 0.7))
+    assert spec.nfe == sum(2 if inside else 1 for step in spec.plan for inside in step)
+    assert spec.with_steps(3).steps == 3 and spec.with_steps(3).family == spec.family
 
 
 def test_unknown_solver():
@@ -166,7 +193,9 @@ def test_single_point_euler_is_exact():
 
 def test_sample_output_range_and_shape():
     model = CountingModel()
-    imgs, _ = sample(model, torch.arange(4), 2, shape=(1, 5, 5), generator=torch.Generator().manual_seed(0))
+    imgs, _ = sample(
+        model, torch.arange(4), SamplerSpec(steps=2), shape=(1, 5, 5), generator=torch.Generator().manual_seed(0)
+    )
     assert imgs.shape == (4, 1, 5, 5) and imgs.dtype == torch.float32
     assert float(imgs.min()) >= 0.0 and float(imgs.max()) <= 1.0
 
@@ -205,10 +234,12 @@ def test_chunked_sampling_is_one_batch_exactly(solver, guidance, interval):
     """The whole noise is drawn first and each image's arithmetic does not depend on its neighbours here (an
     elementwise field), so any chunking gives the same bits as one batch, and the same NFE."""
     model, labels = CountingModel(), torch.arange(23) % 10
-    kw = dict(solver=solver, guidance=guidance, interval=interval, grid="quadratic", shape=(1, 3, 3))
-    one, nfe = sample(model, labels, 4, generator=torch.Generator().manual_seed(7), **kw)
+    spec = SamplerSpec(solver, 4, guidance, "quadratic", interval)
+    one, nfe = sample(model, labels, spec, generator=torch.Generator().manual_seed(7), shape=(1, 3, 3))
     for b in (1, 5, 8, 22, 23, 64):
-        got, nfe_b = sample(model, labels, 4, generator=torch.Generator().manual_seed(7), batch_size=b, **kw)
+        got, nfe_b = sample(
+            model, labels, spec, generator=torch.Generator().manual_seed(7), batch_size=b, shape=(1, 3, 3)
+        )
         assert torch.equal(got, one), f"batch_size {b}: max |Δ| {(got - one).abs().max():.3g}"
         assert nfe_b == nfe
     assert float(one.std()) > 0.01
@@ -230,10 +261,11 @@ def test_chunked_sampling_on_the_unet_matches_one_batch():
         for p in model.parameters():  # non-zero everywhere (the output conv starts at zero)
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     labels = torch.arange(150) % 10
-    one, nfe = sample(model, labels, 3, guidance=2.0, generator=torch.Generator().manual_seed(1))
+    spec = SamplerSpec(steps=3, guidance=2.0)
+    one, nfe = sample(model, labels, spec, generator=torch.Generator().manual_seed(1))
     assert float(one.std()) > 0.05
     for b in (64, 7):
-        got, nfe_b = sample(model, labels, 3, guidance=2.0, generator=torch.Generator().manual_seed(1), batch_size=b)
+        got, nfe_b = sample(model, labels, spec, generator=torch.Generator().manual_seed(1), batch_size=b)
         diff = float((got - one).abs().max())
         assert diff <= 1e-5, f"batch_size {b}: max |Δ| {diff:.3g} against one batch"
         assert nfe_b == nfe == 6
@@ -264,12 +296,11 @@ def _by_hand_nfe(steps: int, solver: str, w: float, grid: str, interval) -> int:
 def test_interval_nfe_is_counted_exactly(solver):
     model, b, steps, w = CountingModel(), 6, 5, 2.0
     labels = torch.arange(b) % 10
-    _, nfe = sample(
-        model, labels, steps, solver=solver, guidance=w, grid="quadratic", interval=INTERVAL, shape=(1, 2, 2)
-    )
+    spec = SamplerSpec(solver, steps, w, "quadratic", INTERVAL)
+    _, nfe = sample(model, labels, spec, shape=(1, 2, 2))
     per_image = model.images / b  # what the network actually saw, per image
     want = _by_hand_nfe(steps, solver, w, "quadratic", INTERVAL)
-    assert nfe == per_image == want == sample_nfe(steps, solver, w, "quadratic", INTERVAL)
+    assert nfe == per_image == want == spec.nfe
     # strictly between never guided and always guided: some stages in, some out
     assert steps * STAGES[solver] < want < 2 * steps * STAGES[solver]
     assert model.calls == steps * STAGES[solver]  # inside: one batched call of both halves; outside: one call
@@ -281,7 +312,7 @@ def test_interval_nfe_is_counted_exactly(solver):
 @pytest.mark.parametrize("solver", ODE_SOLVERS)
 def test_interval_nfe_is_counted_on_a_uniform_grid_too(solver):
     model, b, steps, iv = CountingModel(), 3, 7, (0.25, 0.55)  # no stage time on a bound
-    _, nfe = sample(model, torch.arange(b), steps, solver=solver, guidance=3.0, interval=iv, shape=(1, 2, 2))
+    _, nfe = sample(model, torch.arange(b), SamplerSpec(solver, steps, 3.0, interval=iv), shape=(1, 2, 2))
     assert nfe == model.images / b == _by_hand_nfe(steps, solver, 3.0, "uniform", iv)
 
 
@@ -294,13 +325,16 @@ def test_interval_bound_on_a_grid_time_is_inside():
 
 @pytest.mark.parametrize("solver", ODE_SOLVERS)
 @pytest.mark.parametrize("grid", GRIDS)
-def test_steps_for_nfe_with_an_interval_is_the_most_that_fit(solver, grid):
+def test_spec_for_nfe_with_an_interval_is_the_most_that_fit(solver, grid):
+    def cost(m):
+        return SamplerSpec(solver, m, 2.0, grid, INTERVAL).nfe
+
     for budget in range(1, 40):
-        k = steps_for_nfe(budget, solver, 2.0, grid, INTERVAL)
+        k = _steps_for(budget, solver, 2.0, grid, INTERVAL)
         if k:
-            assert sample_nfe(k, solver, 2.0, grid, INTERVAL) <= budget
-        assert all(sample_nfe(m, solver, 2.0, grid, INTERVAL) > budget for m in range(k + 1, budget + 1))
-    assert steps_for_nfe(40, solver, 2.0, grid, None) == steps_for_nfe(40, solver, 2.0)
+            assert cost(k) <= budget
+        assert all(cost(m) > budget for m in range(k + 1, budget + 1))
+    assert _steps_for(40, solver, 2.0, grid, None) == _steps_for(40, solver, 2.0)
 
 
 @pytest.mark.parametrize("grid", GRIDS)

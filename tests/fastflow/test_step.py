@@ -27,6 +27,7 @@ from fastflow import path as fm
 from fastflow.config import ModelConfig
 from fastflow.ema import EMA
 from fastflow.errors import UserError
+from fastflow.objectives import FlowBatch
 from fastflow.step import TrainStep, make_optimizer, place_adamw_state, resolve_mode
 from fastflow.unet import UNet
 
@@ -54,7 +55,7 @@ def _parts(cfg: ModelConfig = MICRO, seed: int = 0):
 def _batches(n: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return [
-        (
+        FlowBatch(
             torch.rand(B, 1, 28, 28, generator=g) * 2 - 1,
             torch.randint(0, 11, (B,), generator=g),
             torch.rand(B, generator=g),
@@ -77,7 +78,7 @@ def eager_run():
     batches = _batches(len(LRS))
     model, opt, ema = _parts()
     step = TrainStep(model, opt, ema)
-    losses = torch.stack([step(*b, lr) for b, lr in zip(batches, LRS)])
+    losses = torch.stack([step(b, lr) for b, lr in zip(batches, LRS)])
     return batches, model, opt, ema, losses
 
 
@@ -118,7 +119,7 @@ def compiled():
 def test_compiled_step_through_inductor_matches_eager(eager_run, compiled):
     batches, m_ref, _, ema_ref, loss_ref = eager_run
     model, opt, ema, step = compiled
-    losses = torch.stack([step(*b, lr) for b, lr in zip(batches, LRS)])
+    losses = torch.stack([step(b, lr) for b, lr in zip(batches, LRS)])
     assert step.mode == "compile"  # it did compile: no silent fallback
     torch.testing.assert_close(losses[0], loss_ref[0], rtol=1e-5, atol=0, msg=lambda m: f"first-step loss: {m}")
     torch.testing.assert_close(losses, loss_ref, rtol=1e-3, atol=0, msg=lambda m: f"losses of 3 steps: {m}")
@@ -135,9 +136,9 @@ def test_compiled_step_through_inductor_matches_eager(eager_run, compiled):
 def test_compiled_step_never_recompiles(compiled):
     model, opt, ema, step = compiled
     ((z, y, t, eps),) = _batches(1, seed=2)
-    step(z, y, t, eps, 1e-4)  # warm-up (the graph exists already if the test above ran first)
+    step(FlowBatch(z, y, t, eps), 1e-4)  # warm-up (the graph exists already if the test above ran first)
     graphs, frames = counters["stats"]["unique_graphs"], dict(counters["frames"])
-    losses = [step(z + 0.01 * i, y, t, eps, 1e-4 * (1 + i % 7)) for i in range(30)]
+    losses = [step(FlowBatch(z + 0.01 * i, y, t, eps), 1e-4 * (1 + i % 7)) for i in range(30)]
     # new lr, EMA weight (the warm-up ramp) and data every step: none of it may recompile
     assert counters["stats"]["unique_graphs"] == graphs == 1, dict(counters["stats"])
     assert dict(counters["frames"]) == frames, "new frames were compiled after warm-up"
@@ -149,7 +150,7 @@ def test_optimizer_state_from_another_mode_or_device_is_placed_for_this_run():
     (``capturable``/``fused`` from a compiled CUDA run, CPU step counters from an eager CPU run): after loading,
     this run's choice stands and the step runs."""
     model, opt, ema = _parts()
-    TrainStep(model, opt, ema)(*_batches(1)[0], 1e-3)
+    TrainStep(model, opt, ema)(_batches(1)[0], 1e-3)
     saved = opt.state_dict()
     for g in saved["param_groups"]:  # as a compiled CUDA run would have written it
         g.update(capturable=True, fused=False, foreach=True)
@@ -162,7 +163,7 @@ def test_optimizer_state_from_another_mode_or_device_is_placed_for_this_run():
     for p in fresh.parameters():
         st = opt2.state[p]
         assert st["step"].device == p.device and st["step"].dtype == torch.float32 and float(st["step"]) == 1
-    loss = TrainStep(fresh, opt2, ema2)(*_batches(1, seed=3)[0], 1e-3)
+    loss = TrainStep(fresh, opt2, ema2)(_batches(1, seed=3)[0], 1e-3)
     assert bool(torch.isfinite(loss)) and float(opt2.state[next(fresh.parameters())]["step"]) == 2
 
 
@@ -199,17 +200,17 @@ def test_compile_failure_falls_back_or_says_so_in_one_line(capsys):
     step = TrainStep(model, opt, ema, mode="compile", backend=_failing_backend, fallback=False)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(UserError, match=r"torch.compile of the train step failed .*no compiler here.*--no-compile"):
-        step(*batch, 1e-3)
+        step(batch, 1e-3)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing was updated
     torch._dynamo.reset()
     model, opt, ema = _parts()
     step = TrainStep(model, opt, ema, mode="compile", backend=_failing_backend, fallback=True)
-    loss = step(*batch, 1e-3)
+    loss = step(batch, 1e-3)
     err = capsys.readouterr().err
     assert "training eagerly" in err and len(err.strip().splitlines()) == 1, err
     assert step.mode == "eager" and ema.updates == 1
     eager_model, eager_opt, eager_ema = _parts()
-    want = TrainStep(eager_model, eager_opt, eager_ema)(*batch, 1e-3)
+    want = TrainStep(eager_model, eager_opt, eager_ema)(batch, 1e-3)
     assert torch.equal(loss, want)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), eager_model.parameters()))
     torch._dynamo.reset()
@@ -223,7 +224,7 @@ def test_cuda_graph_step_matches_eager(amp):
 
     dev = torch.device("cuda")
     tiny = ModelConfig(**PRESETS["tiny"][0])
-    batches = [tuple(x.to(dev) for x in b) for b in _batches(3)]
+    batches = [FlowBatch(*(x.to(dev) for x in b)) for b in _batches(3)]
 
     def build():
         model, opt, ema = _parts(tiny)
@@ -236,8 +237,8 @@ def test_cuda_graph_step_matches_eager(amp):
     model, opt, ema = build()
     step = TrainStep(model, opt, ema, autocast(dev, amp), mode="cudagraphs")
     for b, lr in zip(batches, LRS):
-        loss_ref = ref(*b, lr)
-        loss = step(*b, lr)
+        loss_ref = ref(b, lr)
+        loss = step(b, lr)
     assert step.mode == "cudagraphs"
     tol = (0.02, 1e-3) if amp is None else (2.05, 0.1)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4 if amp is None else 2e-2, atol=0)

@@ -11,6 +11,7 @@ import torch
 
 from fastflow.config import PRESETS, ModelConfig, TrainConfig
 from fastflow.errors import UserError
+from fastflow.schedule import lr_at
 from fastflow.trainer import Trainer
 
 
@@ -23,7 +24,7 @@ def test_short_training_lowers_the_loss(mnist_root, tmp_path):
     )  # fmt: skip
     trainer = Trainer(mcfg, cfg, torch.device("cpu"))
     assert trainer.fit() == 0
-    losses = [row[2] for row in trainer.history]
+    losses = [row[2] for row in trainer.log.rows]
     assert len(losses) == 8
     # the first window sits near the untrained loss (E|z − ε|² ≈ 1 + E z² ≈ 1.6); it must fall clearly
     assert losses[-1] < 0.75 * losses[0], losses
@@ -150,9 +151,9 @@ def test_images_per_second_counts_only_the_steps_this_process_timed(mnist_root, 
         data_root=str(mnist_root), model_dir=str(tmp_path / "model"), result_dir=str(tmp_path / "result"),
     )  # fmt: skip
     trainer = Trainer(mcfg, cfg, torch.device("cpu"))
-    trainer.window = [torch.tensor(1.0)] * 3  # as restored by resume(): 3 steps of the window were done before
+    trainer.log.window = [torch.tensor(1.0)] * 3  # as restored by resume(): 3 steps of the window were done before
     trainer.fit()
-    (row,) = trainer.history
+    (row,) = trainer.log.rows
     assert row[4] == cfg.batch_size * 1 / 1.0  # one step timed in one (fake) second
 
 
@@ -182,7 +183,7 @@ def test_time_budget_plans_the_steps_from_the_measured_rate_and_resume_keeps_the
     trainer.train_step = stop_at_30
     trainer.fit()
     assert (trainer.planned_steps, trainer.total_steps, trainer.step) == (80, 80, 30)
-    assert trainer.lr == tr.lr_at(30, cfg, 80)  # the cosine runs over the planned 80 steps
+    assert trainer.lr == lr_at(30, cfg, 80)  # the cosine runs over the planned 80 steps
 
     again = Trainer(mcfg, cfg, torch.device("cpu"))
     monkeypatch.setattr(tr, "_clock", lambda: 100.0 * again.step)  # a much slower machine now: the plan stands
