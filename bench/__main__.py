@@ -8,13 +8,13 @@ import sys
 
 SUITES = {
     "kernels": "bench.kernels",  # each Triton op vs the reference, GB/s
-    "train": "bench.model",  # train-step images/s and memory across batch sizes and modes
-    "sample": "bench.model",  # sampler images/s at 10, 20 and 50 NFE
-    "tables": "bench.model",  # the README's tables from result files: python -m bench tables FILE.json ...
+    "train": "bench.grid",  # train-step images/s and memory across batch sizes and modes
+    "sample": "bench.grid",  # sampler images/s at 10, 20 and 50 NFE
+    "tables": "bench.tables",  # the compact tables of result files: python -m bench tables FILE.json ...
 }
 
 
-INTERRUPTED = 130  # bench.model.main's status after Ctrl-C / SIGINT
+INTERRUPTED = 130  # bench.grid.main's status after Ctrl-C / SIGINT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown suite {suite!r}; choose one of {', '.join(SUITES)}, all", file=sys.stderr)
         return 2
     mod = importlib.import_module(SUITES[suite])
-    return mod.main([suite, *rest] if suite != "kernels" else rest)
+    return mod.main([suite, *rest] if suite in ("train", "sample") else rest)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 required = {
     "torch": "everything", "triton": "the Triton kernels", "numpy": "fastflow.data", "pytest": "stages 1 and 2",
     "kernels": "the ops", "fastflow": "the library", "fastflow.solvers": "sampling", "fastflow.compile": "compile",
-    "bench.model": "stages 3, 4, 6", "bench.kernels": "stage 5",
+    "bench.grid": "stages 3, 4, 6", "bench.kernels": "stage 5",
 }
 optional = {
     "hypothesis": "tests/kernels/test_kernel_properties.py is left out",
@@ -86,7 +86,7 @@ for name, what in required.items():
     except Exception as e:
         bad.append(f"{name} ({type(e).__name__}: {' '.join(str(e).split())[:120]}; needed for {what})")
 try:  # the train side, through the one place bench imports it from
-    from bench.model import training_api
+    from bench.train_rows import training_api
     trainer, resolve = training_api()
     print(f"  ok       train side: {trainer.__module__}.{trainer.__name__}, {resolve.__module__}.{resolve.__name__}")
 except Exception as e:

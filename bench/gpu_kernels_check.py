@@ -53,8 +53,10 @@ def run_bench(n_log2: int, batch: int, compiled: bool) -> bool:
     ops = list(kb.OPS)
     t0 = time.perf_counter()
     rows = kb.run(ops, providers, [n_batch, n_big], torch.float32, device)
-    name = kb.device_name(device)
-    path = kb.write(rows, kb.RESULTS, "cuda-" + "".join(c if c.isalnum() else "-" for c in name.lower()) + "-check")
+    from bench.harness import RESULTS, machine, slug
+
+    name = machine(device)["device_name"]
+    path = kb.write(rows, RESULTS, slug(device, "check"))
     print(f"bench: {len(rows)} rows in {time.perf_counter() - t0:.0f} s -> {path}\n")
 
     def cell(op, prov, n):

@@ -15,13 +15,7 @@ and triton versions; a markdown table is printed. ``--max-log2`` narrows the ran
 
 from __future__ import annotations
 
-import argparse
-import csv
-import io
-import json
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -33,12 +27,13 @@ import torch
 
 import kernels
 from fastflow.errors import ArgumentParser
+from fastflow.settings import add_settings, setting
 from kernels import reference
+
+from .harness import RESULTS, machine, quantile, slug, versions, write_rows
 
 __all__ = ["OPS", "PROVIDERS", "bytes_per_element", "measure", "run", "markdown_table", "main"]
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 PROVIDERS = ("reference-eager", "reference-compiled", "triton")
 MNIST = 28 * 28
 
@@ -166,30 +161,7 @@ def measure(fn: Callable[[], object], device: torch.device, budget_s: float = 0.
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10, method="inclusive")  # deciles: q[1] = 20th, q[7] = 80th
-    return statistics.median(times), q[1], q[7]
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def _versions() -> dict[str, str]:
-    try:
-        import triton
-
-        tv = triton.__version__
-    except ImportError:  # pragma: no cover
-        tv = "none"
-    return {"torch": torch.__version__, "triton": tv}
+    return statistics.median(times), quantile(times, 0.2), quantile(times, 0.8)
 
 
 def run(
@@ -201,12 +173,7 @@ def run(
     on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Measure every (op, provider, N); providers that cannot run on ``device`` are skipped with a note."""
-    meta = {
-        "device": device.type,
-        "device_name": device_name(device),
-        "threads": torch.get_num_threads(),
-        **_versions(),
-    }
+    meta = {**machine(device), **versions()}
     rows = []
     for op in ops:
         for provider in ["torch"] if op == "copy" else providers:
@@ -239,24 +206,13 @@ def run(
 
 COLUMNS = [
     "op", "provider", "n", "dtype", "bytes_per_element", "median_ms", "p20_ms", "p80_ms", "gb_per_s",
-    "device", "device_name", "threads", "torch", "triton", "loadavg_1m",
+    "device", "device_name", "isa", "threads", "torch", "triton", "loadavg_1m",
 ]  # fmt: skip
 
 
-def write(rows: list[dict], out_dir: Path, slug: str) -> Path:
-    """bench/results/kernels-<slug>.json and .csv, rewritten atomically after every row."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"kernels-{slug}"
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    payload = json.dumps({"suite": "kernels", "rows": rows}, indent=1)
-    for path, text in ((stem.with_suffix(".json"), payload), (stem.with_suffix(".csv"), buf.getvalue())):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return stem.with_suffix(".json")
+def write(rows: list[dict], out_dir: Path, tag: str) -> Path:
+    """bench/results/kernels-<tag>.json and .csv, rewritten atomically after every row."""
+    return write_rows(rows, {"suite": "kernels"}, out_dir / f"kernels-{tag}", COLUMNS)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -285,29 +241,36 @@ def speedups(rows: list[dict], n: int) -> list[str]:
     return out
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
+@dataclass(frozen=True)
+class KernelSettings:
+    """Which ops, providers and sizes."""
+
+    device: str = setting("auto", "where to measure: auto = cuda if available", choices=("auto", "cpu", "cuda"))
+    min_log2: int = setting(12, "smallest N = 2^k", metavar="K")
+    max_log2: int | None = setting(None, "largest N = 2^k", metavar="K", shown="26 on CUDA, 20 on CPU")
+    step: int | None = setting(None, "log2 step between sizes", metavar="K", shown="1 on CUDA, 2 on CPU")
+    batch: tuple[int, ...] = setting((128,), "also N = B·784 for each B")
+    ops: str = setting(",".join(OPS), "comma-separated subset of: " + ", ".join(OPS), metavar="OP,...", shown="all")
+    providers: str = setting(
+        ",".join(PROVIDERS), "comma-separated subset of: " + ", ".join(PROVIDERS), metavar="P,...", shown="all"
+    )
+    dtype: str = setting("float32", "z, eps, v storage", choices=("float32", "bfloat16", "float16"))
+    threads: int | None = setting(None, "torch CPU threads; 1 is steadier on a shared box", shown="torch's")
+    out: str = setting(str(RESULTS), "results folder", shown="bench/results")
+    tag: str = setting("", "appended to the results file name", shown="none")
+
+
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m bench kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--min-log2", type=int, default=12, help="smallest N = 2^k (default 12)")
-    p.add_argument("--max-log2", type=int, default=None, help="largest N = 2^k (default 26 on CUDA, 20 on CPU)")
-    p.add_argument("--step", type=int, default=None, help="log2 step between sizes (default 1 on CUDA, 2 on CPU)")
-    p.add_argument("--batch", type=int, action="append", default=None, help="also N = B·784 (default: 128)")
-    p.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of: " + ", ".join(OPS))
-    p.add_argument(
-        "--providers", default=",".join(PROVIDERS), help="comma-separated subset of: " + ", ".join(PROVIDERS)
-    )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="z, eps, v storage")
-    p.add_argument("--out", default=str(RESULTS), help="results folder (default bench/results)")
-    p.add_argument("--tag", default="", help="appended to the results file name")
-    p.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's); 1 is steadier on a shared box"
-    )
-    return p.parse_args(argv)
+    add_settings(p.add_argument_group("kernels"), KernelSettings)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(list(sys.argv[1:] if argv is None else argv))
-    device = torch.device(args.device)
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from fastflow.device import resolve_device
+
+    device = resolve_device(args.device)
     cuda = device.type == "cuda"
     ops = [o for o in args.ops.split(",") if o]
     providers = [p for p in args.providers.split(",") if p]
@@ -318,20 +281,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     top = args.max_log2 if args.max_log2 is not None else (26 if cuda else 20)
     step = args.step or (1 if cuda else 2)
-    sizes = sorted({2**k for k in range(args.min_log2, top + 1, step)} | {b * MNIST for b in (args.batch or [128])})
+    sizes = sorted({2**k for k in range(args.min_log2, top + 1, step)} | {b * MNIST for b in args.batch})
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = device_name(device)
-    slug = "cpu" if not cuda else "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    slug += f"-{args.tag}" if args.tag else ""
+    name = machine(device)["device_name"]
+    tag = slug(device, args.tag)
     print(f"kernels bench on {name}, torch {torch.__version__}; N in {sizes}; {args.dtype}", file=sys.stderr)
 
     rows: list[dict] = []
 
     def on_row(row: dict) -> None:
         rows.append(row)
-        write(rows, Path(args.out), slug)
+        write(rows, Path(args.out), tag)
         print(
             f"{row['op']:>20} {row['provider']:>18} N={row['n']:>9}: {row['median_ms']:9.3f} ms {row['gb_per_s']:8.2f} GB/s",
             file=sys.stderr,
@@ -341,10 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("nothing measured", file=sys.stderr)
         return 1
-    path = write(rows, Path(args.out), slug)
+    path = write(rows, Path(args.out), tag)
     print(f"\nkernels on {name}, torch {rows[0]['torch']}, triton {rows[0]['triton']}, {args.dtype}:\n")
     print(markdown_table(rows))
-    batch_n = (args.batch or [128])[0] * MNIST
+    batch_n = args.batch[0] * MNIST
     lines = speedups(rows, batch_n)
     if lines:
         print(f"\nspeedup at N = {batch_n} (batch {batch_n // MNIST}):")

@@ -1,9 +1,10 @@
-"""Settings as dataclasses, named presets, and argparse built from the fields.
+"""The model and training settings as dataclasses, and the named presets.
 
-Each setting is defined once, on its field (:func:`setting`): its type and default, its help text, its choices,
-the rule its value must obey and whether a ``--resume`` may change it without changing the run. The parser
-(:func:`add_dataclass_args`), the checks (:func:`validate`) and the resume check (:func:`resume_free`) all read
-it from there, so adding a training setting is one new field in :class:`TrainConfig` (plus its use).
+Each setting is defined once, on its field (:func:`fastflow.settings.setting`): its type and default, its help
+text, its choices, the rule its value must obey and whether a ``--resume`` may change it without changing the run.
+The parser (:func:`fastflow.settings.add_settings`), the checks (:func:`validate`) and the resume check
+(:func:`resume_free`) all read it from there, so adding a training setting is one new field in
+:class:`TrainConfig` (plus its use).
 
 Precedence, lowest first: the dataclass defaults, the preset, the flags given on the command line.
 """
@@ -12,12 +13,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from .errors import UserError
+from .settings import (
+    FINITE,
+    FINITE_NONNEG,
+    FINITE_POSITIVE,
+    NONNEG,
+    POSITIVE,
+    UNIT_CLOSED,
+    UNIT_HALF_OPEN,
+    flag_name,
+    setting,
+)
 
 __all__ = [
     "ModelConfig",
@@ -25,45 +34,13 @@ __all__ = [
     "OBJECTIVES",
     "takes_later_time",
     "PRESETS",
-    "setting",
-    "add_dataclass_args",
     "resolve_preset",
     "resolve_configs",
     "resume_free",
     "changed_settings",
-    "parse_int_list",
     "validate",
     "model_config_from_dict",
 ]
-
-# Rules a value must obey: (test, how the error states it). ``not v < 0`` also refuses nan.
-POSITIVE = (lambda v: v > 0, "> 0")
-NONNEG = (lambda v: v >= 0, ">= 0")
-FINITE_POSITIVE = (lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
-FINITE_NONNEG = (lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
-UNIT_CLOSED = (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
-UNIT_HALF_OPEN = (lambda v: 0.0 <= v < 1.0, "in [0, 1)")
-FINITE = (lambda v: math.isfinite(v), "a finite number")
-
-
-def setting(
-    default,
-    help: str,
-    *,
-    choices: tuple | None = None,
-    check: tuple[Callable, str] | None = None,
-    resume_free: bool = False,
-):
-    """A dataclass field that carries its own help, choices, rule and resume policy.
-
-    ``resume_free``: the setting does not change the trajectory of a run (where files go, how often it logs,
-    how fast the same math runs), so ``--resume`` may change it without a note.
-    """
-    meta = dict(help=help, choices=choices, check=check, resume_free=resume_free)
-    if isinstance(default, (list, dict, set)):
-        raise TypeError("mutable defaults are not supported")
-    return dataclasses.field(default=default, metadata=meta)
-
 
 # --objective: flow matching, MeanFlow, MeanFlow distillation (fastflow.objectives); all but flow train a U-Net that
 # takes the later time s (ModelConfig.mean_flow).
@@ -275,47 +252,6 @@ class TrainConfig:
     )  # fmt: skip
 
 
-def parse_int_list(text: str) -> tuple[int, ...]:
-    """``"32,64,128"`` -> ``(32, 64, 128)``."""
-    try:
-        out = tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not out:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return out
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field (``num_epochs`` -> ``--num-epochs``) from its :func:`setting`; defaults stay
-    None so that only the flags actually given override the preset."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        tp, meta = hints[f.name], f.metadata
-        default = f.default if f.default is not dataclasses.MISSING else None
-        kw: dict = dict(default=None, dest=f.name)
-        if tp is bool or tp == (bool | None):
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) is tuple:
-            kw["type"] = parse_int_list
-            kw["metavar"] = "N,N,..."
-            default = ",".join(map(str, default))
-        else:
-            kw["type"] = tp
-        if meta.get("choices"):
-            kw["choices"] = meta["choices"]
-        what = meta.get("help", "")
-        shown = "auto" if default is None else "none" if default == "" else default
-        kw["help"] = f"{what} (default: {shown}, unless the preset sets it)" if what else f"(default: {shown})"
-        parser.add_argument(_flag(f.name), **kw)
-
-
 def resolve_configs(
     preset: str, device_type: str, model: dict | None = None, train: dict | None = None
 ) -> tuple[ModelConfig, TrainConfig]:
@@ -363,7 +299,7 @@ def validate(mcfg: ModelConfig, tcfg: TrainConfig) -> None:
         for f in fields(cfg):
             check, value = f.metadata.get("check"), getattr(cfg, f.name)
             if check is not None and not check[0](value):
-                raise UserError(f"{_flag(f.name)} must be {check[1]}, got {value}")
+                raise UserError(f"{flag_name(f.name)} must be {check[1]}, got {value}")
     if not mcfg.channels or any(c <= 0 for c in mcfg.channels):
         raise UserError(f"--channels must be positive, got {mcfg.channels}")
     if 28 % mcfg.patch:

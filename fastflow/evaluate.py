@@ -41,6 +41,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ from .errors import ArgumentParser, UserError, cli
 from .fid import feature_stats, frechet_distance
 from .io import atomic_write_json, check_writable
 from .sampling_args import add_sampling_args, check_solvers, resolve_batch_size
+from .settings import add_settings, setting
 from .solvers import Interval, SamplerSpec
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "reference_stats",
     "summarize",
     "markdown_table",
+    "EvaluateSettings",
     "build_parser",
     "main",
 ]
@@ -242,6 +245,31 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """How many digits, the judge, and where the report goes."""
+
+    num_samples: int = setting(1000, "digits per setting, a tenth of each; also the floor's sample size", metavar="N")
+    data_root: str = setting("data", "MNIST folder, also the classifier cache")
+    classifier: str | None = setting(None, "classifier cache folder", shown="<data-root>/classifier")
+    out: str | None = setting(
+        None, "write the JSON report here (rewritten after every setting) instead of stdout", metavar="JSON",
+        shown="none",
+    )  # fmt: skip
+    resume: bool = setting(
+        False,
+        "reuse the finished settings in --out when it was made with the same checkpoint, --num-samples, --seed and "
+        "weights",
+    )
+    plot: str | None = setting(
+        None, "then draw quality against NFE with plot/quality.py from --out (e.g. plot/quality_vs_nfe.png)",
+        metavar="PNG", shown="none",
+    )  # fmt: skip
+    dry_run: bool = setting(
+        False, "list the settings, time a few network calls and estimate the run time; generate nothing"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="python -m fastflow.evaluate",
@@ -251,33 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance 0,1,2,4; guidance intervals are separated by spaces: --guidance-interval none 0.2,1 0.4,1.",
     )
     add_sampling_args(p, lists=True)
-    p.add_argument(
-        "--num-samples",
-        type=int,
-        default=1000,
-        help="digits per setting, a tenth of each; also the floor's sample size (default: 1000)",
-    )
-    p.add_argument("--data-root", default="data", help="MNIST folder, also the classifier cache (default: data)")
-    p.add_argument("--classifier", default=None, help="classifier cache folder (default: <data-root>/classifier)")
-    p.add_argument(
-        "--out", default=None, help="write the JSON report here (rewritten after every setting) instead of stdout"
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="reuse the finished settings in --out when it was made with the same checkpoint, --num-samples, --seed and weights",
-    )
-    p.add_argument(
-        "--plot",
-        default=None,
-        metavar="PNG",
-        help="then draw quality against NFE with plot/quality.py from --out (e.g. plot/quality_vs_nfe.png)",
-    )
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="list the settings, time a few network calls and estimate the run time; generate nothing",
-    )
+    add_settings(p.add_argument_group("evaluation"), EvaluateSettings)
     return p
 
 

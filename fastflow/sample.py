@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,9 +17,10 @@ from .errors import ArgumentParser, UserError, cli
 from .images import save_grid
 from .io import atomic_save, check_writable
 from .sampling_args import add_sampling_args, check_solvers, describe_guidance, resolve_batch_size, resolve_spec
+from .settings import add_settings, setting
 from .solvers import chunks
 
-__all__ = ["parse_digits", "build_parser", "main"]
+__all__ = ["SampleOutput", "parse_digits", "build_parser", "main"]
 
 
 def parse_digits(text: str) -> list[int]:
@@ -43,14 +45,23 @@ def parse_digits(text: str) -> list[int]:
     return out
 
 
+@dataclass(frozen=True)
+class SampleOutput:
+    """What to draw and where it goes."""
+
+    digits: str = setting("0-9", "digits to draw: a range or a list, e.g. 0-9 or 3,7")
+    per_digit: int = setting(10, "images per digit; one grid row per digit", metavar="N")
+    out: str = setting("result/grid.png", "PNG grid to write", metavar="PNG")
+    save_tensor: str | None = setting(
+        None, "also save {'images': N×1×28×28 in [0,1], 'labels': N} here", metavar="PT", shown="none"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m fastflow.sample", description="Draw MNIST digits from a checkpoint.")
     add_sampling_args(p)
     p.set_defaults(amp="auto")  # the fastest precision here (measured); fastflow.evaluate stays fp32 unless asked
-    p.add_argument("--digits", default="0-9", help="digits to draw: a range or a list, e.g. 0-9 or 3,7 (default: 0-9)")
-    p.add_argument("--per-digit", type=int, default=10, help="images per digit; one grid row per digit (default: 10)")
-    p.add_argument("--out", default="result/grid.png", help="PNG grid to write (default: result/grid.png)")
-    p.add_argument("--save-tensor", default=None, help="also save {'images': N×1×28×28 in [0,1], 'labels': N} here")
+    add_settings(p.add_argument_group("output"), SampleOutput)
     return p
 
 

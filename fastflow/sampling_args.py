@@ -1,32 +1,27 @@
-"""The flags that ``fastflow.sample`` and ``fastflow.evaluate`` share, each defined once (:data:`FLAGS`).
+"""The flags that ``fastflow.sample`` and ``fastflow.evaluate`` share, each defined once (:class:`SampleSettings`).
 
 ``fastflow.sample`` draws with one setting, so every flag takes one value. ``fastflow.evaluate`` runs a grid of
 settings: there the flags marked ``grid`` take a list (comma-separated; for ``--guidance-interval``, intervals
 separated by spaces, since an interval holds a comma), and the plural alias (``--solvers``) too. Name, type,
-default, choices and help live on the flag; :func:`add_sampling_args` builds either form from it, and the
-README's CLI reference is ``--help``'s output.
+default, choices and help live on the field (:func:`fastflow.settings.setting`); :func:`add_sampling_args` builds
+either form from it, and docs/cli.md is generated from the parsers.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from .errors import UserError
+from .settings import add_settings, finite_float, setting
 from .solvers import DEFAULT_INTERVAL, GRIDS, ODE_SOLVERS, SOLVERS, Interval, SamplerSpec, check_interval
 
 __all__ = [
-    "Flag",
-    "FLAGS",
+    "SampleSettings",
     "DEFAULT_BATCH_SIZE",
-    "finite_float",
     "parse_interval",
-    "comma_list",
     "add_sampling_args",
     "resolve_spec",
     "resolve_batch_size",
@@ -44,17 +39,6 @@ __all__ = [
 # CUDA: not measured (no GPU lent); 1000 makes the usual requests one call, and under guidance 2000 images of
 # 28×28 per network call, far below a GPU's memory.
 DEFAULT_BATCH_SIZE = {"cpu": 128, "cuda": 1000}
-
-
-def finite_float(text: str) -> float:
-    """An argparse type: a finite float."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return v
 
 
 def parse_interval(text: str) -> Interval | None:
@@ -76,156 +60,67 @@ def parse_interval(text: str) -> Interval | None:
     return None if iv == (0.0, 1.0) else iv
 
 
-def comma_list(parse, choices: tuple | None = None):
-    """An argparse type: ``"a,b,c"`` -> ``[parse(a), parse(b), parse(c)]``, each checked against ``choices``."""
-
-    def convert(text: str) -> list:
-        out = []
-        for part in (p.strip() for p in text.split(",")):
-            if not part:
-                continue
-            v = parse(part)
-            if choices is not None and v not in choices:
-                raise argparse.ArgumentTypeError(f"invalid choice {part!r} (choose from {', '.join(choices)})")
-            out.append(v)
-        if not out:
-            raise argparse.ArgumentTypeError("expected at least one value")
-        return out
-
-    return convert
-
-
 @dataclass(frozen=True)
-class Flag:
-    """One command-line flag of both programs.
+class SampleSettings:
+    """What to sample from and how: the flags of both programs (a list for the ``grid`` ones in evaluate)."""
 
-    ``grid``: a list in ``fastflow.evaluate`` (a plural alias there when ``plural``; ``spaced``: the values are
-    separate words rather than one comma-separated word). ``metavar`` names one value."""
-
-    name: str
-    help: str
-    parse: Callable[[str], Any] | None = None
-    default: Any = None
-    choices: tuple | None = None
-    metavar: str | None = None
-    grid: bool = False
-    plural: bool = False
-    spaced: bool = False
-    aliases: tuple[str, ...] = ()
-    switch: bool = False  # a store_true flag
-
-    @property
-    def dest(self) -> str:
-        return self.name.lstrip("-").replace("-", "_")
-
-
-FLAGS: tuple[Flag, ...] = (
-    Flag("--checkpoint", "checkpoint folder (default: model)", default="model"),
-    Flag(
-        "--solver",
+    checkpoint: str = setting("model", "checkpoint folder")
+    solver: str = setting(
+        "euler",
         f"solver, from {','.join(SOLVERS)}: an ODE solver (ab2: Adams-Bashforth 2, second order at 1 NFE a step), "
-        "or meanflow, the jumps x + h·u(x, t, t + h) of a model trained with the meanflow objective (1 NFE a step) "
-        "(default: euler)",
-        parse=str,
-        default="euler",
-        choices=SOLVERS,
-        metavar="S",
-        grid=True,
-        plural=True,
-    ),
-    Flag("--steps", "solver steps (default: 10, or from --nfe)", parse=int, metavar="N", grid=True),
-    Flag(
-        "--nfe",
+        "or meanflow, the jumps x + h·u(x, t, t + h) of a model trained with a meanflow objective (1 NFE a step)",
+        choices=SOLVERS, metavar="S", grid=True, plural=True,
+    )  # fmt: skip
+    steps: int | None = setting(None, "solver steps", metavar="N", grid=True, shown="10, or from --nfe")
+    nfe: int | None = setting(
+        None,
         "network evaluations per image to spend instead of --steps: the most steps whose exact cost fits "
         "(evaluate skips a setting where one step costs more)",
-        parse=int,
-        metavar="N",
-        grid=True,
-    ),
-    Flag(
-        "--guidance",
-        "classifier-free guidance w: 1 = conditional, 0 = unconditional; other w cost 2 NFE per stage (default: 1)",
-        parse=finite_float,
-        default=1.0,
-        metavar="W",
-        grid=True,
-        plural=True,
-    ),
-    Flag(
-        "--guidance-interval",
+        metavar="N", grid=True, shown="none",
+    )  # fmt: skip
+    guidance: float = setting(
+        1.0,
+        "classifier-free guidance w: 1 = conditional, 0 = unconditional; other w cost 2 NFE per stage",
+        parse=finite_float, metavar="W", grid=True, plural=True,
+    )  # fmt: skip
+    guidance_interval: Interval | None = setting(
+        DEFAULT_INTERVAL,
         "guide only at solver stages whose time t lies in [LO, HI] (t = 0 noise, t = 1 data), the conditional "
-        "field (1 NFE) elsewhere; 0 <= LO < HI <= 1; none or 0,1: at every stage (default: 0.2,0.7, measured "
-        "better than every stage for every w, solver and model tried: README). At w = 1 it changes nothing",
-        parse=parse_interval,
-        default=DEFAULT_INTERVAL,
-        metavar="LO,HI",
-        grid=True,
-        plural=True,
-        spaced=True,
-    ),
-    Flag(
-        "--grid",
-        f"time grid, from {','.join(GRIDS)} (default: uniform)",
-        parse=str,
-        default="uniform",
-        choices=GRIDS,
-        metavar="G",
-        grid=True,
-        plural=True,
-    ),
-    Flag("--seed", "noise seed (default: 0)", parse=int, default=0),
-    Flag(
-        "--batch-size",
+        "field (1 NFE) elsewhere; 0 <= LO < HI <= 1; none or 0,1: at every stage; at w = 1 it changes nothing",
+        parse=parse_interval, metavar="LO,HI", grid=True, plural=True, spaced=True,
+        shown="0.2,0.7, measured better than every stage for every w, solver and model tried: docs/results.md",
+    )  # fmt: skip
+    grid: str = setting(
+        "uniform", f"time grid, from {','.join(GRIDS)}", choices=GRIDS, metavar="G", grid=True, plural=True
+    )
+    seed: int = setting(0, "noise seed")
+    batch_size: int | None = setting(
+        None,
         "images integrated at a time (the network sees twice as many at guided stages); a larger request runs "
-        "in chunks, from the same noise as one batch (default: "
-        f"{DEFAULT_BATCH_SIZE['cpu']} on a CPU, {DEFAULT_BATCH_SIZE['cuda']} on CUDA)",
-        parse=int,
-        metavar="B",
-        aliases=("--batch",),
-    ),
-    Flag(
-        "--device", "where to run (default: auto = cuda if available)", default="auto", choices=("auto", "cpu", "cuda")
-    ),
-    Flag(
-        "--amp",
+        "in chunks, from the same noise as one batch",
+        metavar="B", aliases=("--batch",),
+        shown=f"{DEFAULT_BATCH_SIZE['cpu']} on a CPU, {DEFAULT_BATCH_SIZE['cuda']} on CUDA",
+    )  # fmt: skip
+    device: str = setting("auto", "where to run: auto = cuda if available", choices=("auto", "cpu", "cuda"))
+    amp: str = setting(
+        "none",
         "network precision: none = fp32, bf16, or auto = bf16 on CUDA with bf16 and on a CPU where native bf16 "
-        "(AVX-512 BF16 / AMX) runs fast (default: auto in fastflow.sample; none in fastflow.evaluate, so that its "
-        "figures are fp32 on every machine)",
-        default="none",
+        "(AVX-512 BF16 / AMX) runs fast",
         choices=("auto", "none", "bf16"),
-    ),
-    Flag("--no-ema", "use the raw weights, not the EMA ones", switch=True),
-    Flag(
-        "--compile",
+        shown="auto in fastflow.sample; none in fastflow.evaluate, so that its figures are fp32 on every machine",
+    )
+    no_ema: bool = setting(False, "use the raw weights, not the EMA ones")
+    compile: bool = setting(
+        False,
         "torch.compile the solver step (and on CUDA replay the loop as one CUDA graph); compiles once per "
         "sampling setting, so it pays off for repeated or large requests",
-        switch=True,
-    ),
-)
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser, lists: bool = False) -> None:
-    """Add :data:`FLAGS` to ``p``: one value each (``fastflow.sample``), or with ``lists`` (``fastflow.evaluate``'s
-    grid) a list for each ``grid`` flag, whose value is then a list (a flag left out: its default, as a list of
-    one, or None)."""
-    for f in FLAGS:
-        names = [f.name, *f.aliases]
-        if f.switch:
-            p.add_argument(*names, action="store_true", help=f.help)
-            continue
-        kw: dict[str, Any] = dict(dest=f.dest, default=f.default, help=f.help)
-        if lists and f.grid:
-            if f.plural:
-                names.append(f.name + "s")
-            if f.spaced:
-                kw.update(type=f.parse, nargs="+", metavar=f.metavar)
-            else:
-                kw.update(type=comma_list(f.parse, f.choices), metavar=f"{f.metavar}[,{f.metavar}...]")
-            kw["default"] = None if f.default is None else [f.default]
-        else:
-            # with choices, argparse checks the value (and shows the choices in the usage line)
-            kw.update(type=f.parse, choices=f.choices, metavar=None if f.choices else f.metavar)
-        p.add_argument(*names, **{k: v for k, v in kw.items() if v is not None or k == "default"})
+    """The :class:`SampleSettings` flags on ``p``: one value each (``fastflow.sample``), or with ``lists``
+    (``fastflow.evaluate``'s grid) a list for each ``grid`` flag."""
+    add_settings(p.add_argument_group("sampling"), SampleSettings, lists=lists)
 
 
 def resolve_spec(

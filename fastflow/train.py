@@ -18,13 +18,14 @@ import signal
 import sys
 
 from .checkpoint import has_checkpoint, init_checkpoint, own_folder
-from .config import ModelConfig, TrainConfig, add_dataclass_args, resolve_preset, validate
+from .config import ModelConfig, TrainConfig, resolve_preset, validate
 from .device import resolve_device
 from .distributed import Dist, check_same, init_distributed, record_errors, shutdown
 from .errors import ArgumentParser, PeerLost, UserError, cli
 from .io import check_writable
 from .launch import LAUNCHED, plan, run
 from .objectives import make_objective
+from .settings import add_settings
 from .trainer import Trainer
 
 __all__ = ["build_parser", "main", "resume_command"]
@@ -35,10 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m fastflow.train",
         description="Train a conditional flow-matching (or MeanFlow: --objective meanflow) U-Net on MNIST.",
     )
-    add_dataclass_args(p.add_argument_group("training"), TrainConfig)
-    add_dataclass_args(
+    add_settings(p.add_argument_group("training"), TrainConfig, preset=True)
+    add_settings(
         p.add_argument_group("model (override the preset)"),
         ModelConfig,
+        preset=True,
         skip=("num_classes", "in_channels", "mean_flow"),  # mean_flow follows --objective
     )
     return p

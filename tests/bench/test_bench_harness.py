@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import model as bm
+from bench import grid, harness, tables, train_rows
+from bench.baseline import _SyntheticImages
+from fastflow.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,13 +37,13 @@ def test_train_cli_runs_without_mnist(tmp_path, cli):
 
 
 def test_resolve_data(tmp_path, mnist_root):
-    assert bm.resolve_data("auto", str(mnist_root)) == ("mnist", None)
-    kind, line = bm.resolve_data("auto", str(tmp_path))
+    assert train_rows.resolve_data("auto", str(mnist_root)) == ("mnist", None)
+    kind, line = train_rows.resolve_data("auto", str(tmp_path))
     assert kind == "synthetic" and "synthetic" in line
-    assert bm.resolve_data("synthetic", str(mnist_root)) == ("synthetic", None)
-    with pytest.raises(bm.UserError, match="--data"):
-        bm.resolve_data("imagenet", str(tmp_path))
-    d = bm.synthetic_mnist(n=50, seed=1)
+    assert train_rows.resolve_data("synthetic", str(mnist_root)) == ("synthetic", None)
+    with pytest.raises(UserError, match="--data"):
+        train_rows.resolve_data("imagenet", str(tmp_path))
+    d = train_rows.synthetic_mnist(n=50, seed=1)
     assert d.images.shape == (50, 28, 28) and d.images.dtype == torch.uint8
     assert d.labels.dtype == torch.int64 and 0 <= int(d.labels.min()) and int(d.labels.max()) <= 9
 
@@ -49,7 +51,7 @@ def test_resolve_data(tmp_path, mnist_root):
 def test_seed_baseline_on_synthetic_data(tmp_path):
     """The seed loop on synthetic pixels: a DataLoader worker converting each image as torchvision's MNIST does
     (uint8 -> [-1, 1]), and a train step on what it yields."""
-    run, info = bm.train_runner(
+    run, info = train_rows.train_runner(
         "seed-baseline",
         32,
         preset="tiny",
@@ -68,7 +70,7 @@ def test_seed_baseline_on_synthetic_data(tmp_path):
     tf = torchvision.transforms.Compose(
         [torchvision.transforms.ToTensor(), torchvision.transforms.Normalize((0.5,), (0.5,))]
     )
-    ds = bm._SyntheticImages(bm.synthetic_mnist(n=4, seed=3), tf)
+    ds = _SyntheticImages(train_rows.synthetic_mnist(n=4, seed=3), tf)
     img, label = ds[2]
     want = ds.images[2].float().div(255).sub(0.5).div(0.5).unsqueeze(0)  # [1, 28, 28]
     torch.testing.assert_close(img, want, rtol=0, atol=1e-6)
@@ -106,7 +108,7 @@ def test_cuda_timing_queues_a_window_without_synchronising(monkeypatch):
         _FakeEvent.clock += 2.0
         return torch.zeros(())
 
-    r = bm.measure(fn, torch.device("cuda"), warmup=2, iters=4, repeats=3)
+    r = harness.measure(fn, torch.device("cuda"), warmup=2, iters=4, repeats=3)
     assert len(calls) == 2 + 4 * 3
     # one sync after the first call, one after the warm-up, then one before each window; none inside one
     assert syncs == [1, 2, 2, 6, 10]
@@ -137,9 +139,9 @@ def _fake_row(spec: dict) -> list[dict]:
 
 
 def test_a_failing_row_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bm, "run_row", _fake_row)
+    monkeypatch.setattr(grid, "run_row", _fake_row)
     argv = ["train", "--device", "cpu", "--in-process", "--data", "synthetic", "--batch-sizes", "32,64"]
-    rc = bm.main([*argv, "--modes", "eager-bf16,eager-fp32", "--out", str(tmp_path)])
+    rc = grid.main([*argv, "--modes", "eager-bf16,eager-fp32", "--out", str(tmp_path)])
     assert rc == 1
     rows = json.loads((tmp_path / "train-cpu.json").read_text())["rows"]
     assert [(r["mode"], r["batch"]) for r in rows] == [("eager-bf16", 32), ("eager-bf16", 64)] + [
@@ -155,18 +157,18 @@ def test_a_failing_row_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch, c
 def test_an_interrupted_grid_keeps_its_rows(tmp_path, monkeypatch, capsys):
     """Ctrl-C or gpu_check.sh's SIGINT at the end of a stage: the rows so far are written, the interrupted one
     is marked, nothing more runs, and the status is 130."""
-    monkeypatch.setattr(bm, "run_row", _fake_row)
+    monkeypatch.setattr(grid, "run_row", _fake_row)
     argv = ["train", "--device", "cpu", "--in-process", "--data", "synthetic", "--batch-sizes", "32"]
-    rc = bm.main([*argv, "--modes", "eager-fp32,compile,eager-bf16", "--out", str(tmp_path)])
+    rc = grid.main([*argv, "--modes", "eager-fp32,compile,eager-bf16", "--out", str(tmp_path)])
     assert rc == 130
     rows = json.loads((tmp_path / "train-cpu.json").read_text())["rows"]
     assert [(r["mode"], r["status"].split(" ")[0]) for r in rows] == [("eager-fp32", "ok"), ("compile", "interrupted")]
     assert "| compile | not finished |" in capsys.readouterr().out
     # --append keeps the rows in the file; a row measured again replaces its old one
     monkeypatch.setattr(
-        bm, "run_row", lambda spec: [{**_fake_row({**spec, "mode": "eager-fp32"})[0], "mode": "compile"}]
+        grid, "run_row", lambda spec: [{**_fake_row({**spec, "mode": "eager-fp32"})[0], "mode": "compile"}]
     )
-    assert bm.main([*argv, "--modes", "compile", "--append", "--out", str(tmp_path)]) == 0
+    assert grid.main([*argv, "--modes", "compile", "--append", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "train-cpu.json").read_text())["rows"]
     assert [(r["mode"], r["status"]) for r in rows] == [("eager-fp32", "ok"), ("compile", "ok")]
 
@@ -184,7 +186,7 @@ def test_readme_tables():
         {"suite": "train", "mode": "seed-baseline", "batch": 128, "nfe": None, "status": "skipped: batch 32 only"},
         {"suite": "train", "mode": "eager-fp32", "batch": 32, "nfe": None, "status": "error: OOM"},
     ]
-    assert bm.readme_table(train) == "\n".join(
+    assert tables.readme_table(train) == "\n".join(
         [
             "| train images/s (peak MiB, torch.cuda) | 32 | 128 |",
             "|---|--:|--:|",
@@ -199,7 +201,7 @@ def test_readme_tables():
     cpu = dict(device="cpu", peak_rss_mb=700.0)
     sample = [_row("sample", "eager-bf16", 64, ips, nfe=n, **cpu) for n, ips in ((10, 91.25), (20, 57.6), (50, 21.4))]
     sample.append({"suite": "sample", "mode": "compile-bf16-cudagraphs", "batch": 64, "status": "skipped: CUDA"})
-    assert bm.readme_table(sample) == "\n".join(
+    assert tables.readme_table(sample) == "\n".join(
         [
             "| sample images/s at 10 / 20 / 50 NFE (peak RSS MiB) | 64 |",
             "|---|--:|",
@@ -212,12 +214,12 @@ def test_tables_command_reads_result_files(tmp_path, capsys):
     rows = [_row("train", "eager-fp32", 32, 280.5, device="cpu", peak_rss_mb=914.0, device_name="EPYC",
                  torch="2.14", triton="3.8", preset="cpu", channels=[16, 32, 64], data="mnist")]  # fmt: skip
     (tmp_path / "train-cpu.json").write_text(json.dumps({"suite": "train", "rows": rows}))
-    assert bm.main(["tables", str(tmp_path / "train-cpu.json")]) == 0
+    assert tables.main([str(tmp_path / "train-cpu.json")]) == 0
     out = capsys.readouterr().out
     assert "train on EPYC, torch 2.14, triton 3.8, preset cpu (16/32/64), data mnist" in out
     assert "| eager-fp32 | 280.5 (914) |" in out
     (tmp_path / "junk.json").write_text("[]")
-    assert bm.main(["tables", str(tmp_path / "junk.json")]) == 1
+    assert tables.main([str(tmp_path / "junk.json")]) == 1
 
 
 @pytest.mark.skipif(os.name != "posix", reason="bash script")
@@ -249,14 +251,14 @@ def test_gpu_check_dry_run_names_a_missing_import(tmp_path, cli_env):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
 def test_in_process_rows_report_their_own_peak_rss():
-    """With --in-process a row must not inherit an earlier row's peak RSS: _fresh_state resets it."""
+    """With --in-process a row must not inherit an earlier row's peak RSS: harness.fresh_state resets it."""
     from fastflow.device import peak_memory_mb
 
     cpu = torch.device("cpu")
-    bm._fresh_state("cpu")  # its own imports (Dynamo) first, so that they do not count below
+    harness.fresh_state("cpu")  # its own imports (Dynamo) first, so that they do not count below
     big = torch.ones(300 * 2**20 // 4)  # 300 MiB, touched
     high = peak_memory_mb(cpu)["peak_rss_mb"]
     del big
-    bm._fresh_state("cpu")
+    harness.fresh_state("cpu")
     low = peak_memory_mb(cpu)["peak_rss_mb"]
     assert low < high - 200, (high, low)

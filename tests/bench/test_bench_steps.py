@@ -1,4 +1,4 @@
-"""The benchmark's step functions (bench.model) as pytest-benchmark groups, on CPU with the "tiny" U-Net.
+"""The benchmark's step functions (bench.train_rows, bench.sample_rows) as pytest-benchmark groups, on CPU with the "tiny" U-Net.
 
 With the project's default ``--benchmark-disable`` each runs once as a plain test and checks its output. To time
 them and keep the figures::
@@ -17,7 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.model import sample_runner, train_runner
+from bench.sample_rows import sample_runner
+from bench.train_rows import train_runner
 
 BATCH = 16
 # eager fp32 (the reference), eager bf16 and the compiled bf16 unit (the CPU default). Each compiled mode costs
