@@ -266,9 +266,10 @@ def test_device_guard():
     assert isinstance(_launch.device_guard(torch.device("cpu")), contextlib.nullcontext)
 
 
-def test_every_launch_is_guarded(monkeypatch, triton_backend):
+def test_every_launch_is_guarded(monkeypatch, triton_backend, device):
     """Each kernel launch (forward and backward, every op) happens inside device_guard(<its tensors' device>):
-    Triton launches on the current device, not on the tensors'."""
+    Triton launches on the current device, not on the tensors'. (The CPU under the interpreter, CUDA natively: on
+    the first GPU run this test, written for the CPU only, forced Triton on CPU tensors and failed.)"""
     active: list[torch.device] = []
     launches: list[tuple[str, list[torch.device]]] = []
 
@@ -289,18 +290,19 @@ def test_every_launch_is_guarded(monkeypatch, triton_backend):
 
         monkeypatch.setattr(mod, "device_guard", guard)
         monkeypatch.setattr(mod, "wrap_triton", spy)
-    zz, ee, tt = (x.clone().requires_grad_() for x in (z3 + 0.5, z3 - 0.5, t3))
+    z, t = z3.to(device), t3.to(device)
+    zz, ee, tt = (x.clone().requires_grad_() for x in (z + 0.5, z - 0.5, t))
     x_t, u = kernels.flow_path(zz, ee, tt)
     (x_t.sum() + u.sum()).backward()
     (kernels.flow_path(zz, ee, tt, with_target=False)[0].sum()).backward()
-    kernels.flow_matching_loss(zz, z3, z3).backward()
-    kernels.euler_step_(z3.clone(), z3, 0.1)
-    kernels.guided_euler_step_(z3.clone(), z3, z3, 0.1, 2.0)
+    kernels.flow_matching_loss(zz, z, z).backward()
+    kernels.euler_step_(z.clone(), z, 0.1)
+    kernels.guided_euler_step_(z.clone(), z, z, 0.1, 2.0)
     names = {name for name, _ in launches}
     want = {"_flow_path_fwd_kernel", "_flow_path_bwd_kernel", "_loss_partial_kernel", "_loss_finish_kernel"}
     assert want | {"_loss_bwd_kernel", "_euler_kernel"} <= names, names
-    unguarded = [name for name, devices in launches if devices != [torch.device("cpu")]]
-    assert not unguarded, f"launched outside device_guard(cpu): {unguarded}"
+    unguarded = [name for name, devices in launches if devices != [z.device]]
+    assert not unguarded, f"launched outside device_guard({z.device}): {unguarded}"
 
 
 @pytest.mark.cuda

@@ -81,7 +81,7 @@ def test_euler_property(case, guided):
         if guided:
             kernels.guided_euler_step_(x, vc, vu, 0.25, 1.5)
         else:
-            kernels.euler_step_(x, vc, torch.tensor(0.25))
+            kernels.euler_step_(x, vc, torch.tensor(0.25, device=TRITON_DEVICE))  # h on x's device, as on CUDA
     want = (
         reference.guided_euler_step_(x0.clone(), vc, vu, 0.25, 1.5)
         if guided
