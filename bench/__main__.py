@@ -11,6 +11,8 @@ SUITES = {
     "train": "bench.grid",  # train-step images/s and memory across batch sizes and modes
     "sample": "bench.grid",  # sampler images/s at 10, 20 and 50 NFE
     "tables": "bench.tables",  # the compact tables of result files: python -m bench tables FILE.json ...
+    "recipe": "bench.recipe",  # time to quality: the training command, then the judge
+    "report": "bench.report",  # docs/results.md, the README's glance table and docs/cli.md from the files
 }
 
 

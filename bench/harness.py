@@ -135,13 +135,10 @@ def versions() -> dict:
 
 
 def isa() -> str | None:
-    """The vector ISA torch's CPU kernels run with here (AVX512, AVX2, ...), where torch says."""
-    import torch
+    """The vector ISA torch's CPU kernels run with here (:func:`fastflow.device.cpu_isa`)."""
+    from fastflow.device import cpu_isa
 
-    try:
-        return torch.backends.cpu.get_cpu_capability()
-    except AttributeError:  # pragma: no cover - older torch
-        return None
+    return cpu_isa()
 
 
 def machine(device) -> dict:

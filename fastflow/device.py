@@ -22,6 +22,7 @@ __all__ = [
     "peak_memory_mb",
     "reset_peak_memory",
     "device_name",
+    "cpu_isa",
 ]
 
 
@@ -147,6 +148,15 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return platform.processor() or "cpu"
+
+
+def cpu_isa() -> str | None:
+    """The vector ISA torch's CPU kernels run with here (``AVX512``, ``AVX2``, ...): what a CPU figure is quoted
+    with. ``ATEN_CPU_CAPABILITY=avx2`` lowers it (and ``ONEDNN_MAX_CPU_ISA=AVX2`` the convolutions')."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # pragma: no cover - older torch
+        return None
 
 
 def reset_peak_memory(device: torch.device) -> None:

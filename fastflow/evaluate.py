@@ -50,7 +50,7 @@ from .checkpoint import build_model, load_checkpoint
 from .classifier import load_or_train_classifier
 from .compile import make_sampler
 from .data import load_mnist
-from .device import autocast, resolve_amp, resolve_device, synchronize
+from .device import autocast, cpu_isa, device_name, resolve_amp, resolve_device, synchronize
 from .errors import ArgumentParser, UserError, cli
 from .fid import feature_stats, frechet_distance
 from .io import atomic_write_json, check_writable
@@ -389,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         **meta,
         "device": str(device),
+        "device_name": device_name(device),
+        "isa": cpu_isa() if device.type == "cpu" else None,
         "amp": report_amp(amp),
         "batch_size": batch_size,
         "compiled": bool(args.compile),
