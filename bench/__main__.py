@@ -11,6 +11,7 @@ SUITES = {
     "train": "bench.model",  # train-step images/s and memory across batch sizes and modes
     "sample": "bench.model",  # sampler images/s at 10, 20 and 50 NFE
     "tables": "bench.model",  # the README's tables from result files: python -m bench tables FILE.json ...
+    "aot": "bench.aot",  # every Triton kernel compiled for sm_80 / sm_90 without a GPU: registers, spills, smem
 }
 
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown suite {suite!r}; choose one of {', '.join(SUITES)}, all", file=sys.stderr)
         return 2
     mod = importlib.import_module(SUITES[suite])
-    return mod.main([suite, *rest] if suite != "kernels" else rest)
+    return mod.main([suite, *rest] if suite not in ("kernels", "aot") else rest)
 
 
 if __name__ == "__main__":
