@@ -18,9 +18,10 @@ launch of the same call would compile. Dtypes come from the public ops' own chec
 op accepts for it (``x`` of the Euler ops is fp32 only; the rest fp32, bf16, fp16), and the outputs take what the
 launchers allocate. Shapes (:data:`SHAPES`): MNIST batches of 1, 80 and 128, which between them give every binary
 any MNIST batch gets, and an odd (3, 1, 41, 41) with no int divisible by 16. ``--dtypes default`` compiles
-uniform dtypes (every input fp32, bf16 or fp16 where accepted) plus ``amp`` (the network's output v in bf16, the rest
-fp32: training and sampling under autocast); ``--dtypes all`` every combination the ops accept. A kernel that is
-never launched and never called from a launched kernel is reported as uncovered (exit status 1).
+uniform dtypes (every input fp32, bf16 or fp16 where accepted), ``amp`` (the network's output v in bf16, the rest
+fp32: training and sampling under autocast) and each input alone in bf16 or fp16 with the rest fp32; ``--dtypes
+all`` every combination the ops accept (6x the compiles). A kernel that is never launched and never called from a
+launched kernel is reported as uncovered (exit status 1).
 
 **Registers and spills.** Without a GPU Triton's ``CompiledKernel`` has no ``n_regs``/``n_spills`` (the driver fills
 them when it loads the cubin). Triton itself runs ``ptxas -v`` to make the cubin and throws the log away; this tool
@@ -76,6 +77,7 @@ __all__ = [
     "enumerate_variants",
     "compile_all",
     "aot_table",
+    "label",
     "check_gpu",
     "main",
 ]
@@ -260,8 +262,10 @@ def accepted_dtypes(op: str) -> dict[str, tuple[torch.dtype, ...]]:
 
 
 def dtype_cases(op: str, mode: str) -> list[dict[str, torch.dtype]]:
-    """The dtype assignments ``op`` is compiled for: ``default``: uniform fp32 / bf16 / fp16 (an input that does not
-    accept it stays fp32) and ``amp`` (network outputs bf16, the rest fp32); ``all``: every accepted combination."""
+    """The dtype assignments ``op`` is compiled for. ``default``: uniform fp32 / bf16 / fp16 (an input that does not
+    accept it stays fp32), ``amp`` (network outputs bf16, the rest fp32), and each input alone in each dtype it
+    accepts with the rest fp32 (mixing is what changes the code: a load and a store of different widths get
+    different layouts, converted through shared memory). ``all``: every accepted combination (6x the compiles)."""
     acc = accepted_dtypes(op)
     roles = OPS[op][0]
     if mode == "all":
@@ -270,6 +274,9 @@ def dtype_cases(op: str, mode: str) -> list[dict[str, torch.dtype]]:
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         cases.append({r: (dt if dt in acc[r] else torch.float32) for r in roles})
     cases.append({r: (torch.bfloat16 if r in NETWORK_OUTPUTS else torch.float32) for r in roles})
+    for role in roles:
+        for dt in acc[role]:
+            cases.append({r: (dt if r == role else torch.float32) for r in roles})
     unique = []
     for c in cases:
         if c not in unique:
@@ -626,6 +633,12 @@ def _fmt_spec(d: dict) -> str:
     return " ".join(f"{k}{v}" if v.startswith("=") else f"{k}:{v}" for k, v in d.items()) or "–"
 
 
+def label(r: dict) -> str:
+    """A row's variant and target in one line: ``kernels.path._flow_path_bwd_kernel HAS_GU=true ... | gx=fp32 ... |
+    n:16 | sm_90``."""
+    return " | ".join([*_variant_id(r), r["target"]])
+
+
 def _variant_id(r: dict) -> tuple:
     return (r["kernel"], _fmt_map(r["constexprs"]), _fmt_map(r["dtypes"]), _fmt_spec(r["specialization"]))
 
@@ -674,6 +687,12 @@ def _summary(doc: dict) -> str:
             f"(most: `{worst['kernel'].removeprefix('kernels.')}`), spill bytes {spills}, "
             f"shared memory up to {max(r['shared_bytes'] for r in rt)} B"
         )
+    for r in rows:
+        if r["spill_stores_bytes"] or r["spill_loads_bytes"]:
+            lines.append(
+                f"- **spills**: {label(r)}: {r['registers']} registers, {r['spill_stores_bytes']} B spill stores, "
+                f"{r['spill_loads_bytes']} B spill loads ({r['example_call']}, shapes {', '.join(r['shapes'])})"
+            )
     return "\n".join(lines)
 
 
@@ -683,7 +702,8 @@ def write_doc(doc: dict, path: Path) -> None:
 
 Made by `{COMMAND}`
 (how: the docstring of bench/aot.py). `tests/kernels/test_aot.py` compiles everything again and fails on a compile
-error, a spill, a resource past the target's limit, or when this table no longer matches what the tool produces.
+error, on a spill other than those it lists as known (the ones below), on a resource past the target's limit, or when
+this table no longer matches what the tool produces.
 
 Triton {doc["triton"]}, ptxas {doc["ptxas"]}. One line per kernel variant the public ops launch: its constexprs, the
 dtypes of its pointers, and Triton's specialisation of its ints (`n:16`: divisible by 16, `m=1`: the constant 1,
@@ -719,7 +739,7 @@ def problems(doc: dict) -> list[str]:
     uncovered kernel. Empty when all is well."""
     out = []
     for r in doc["rows"]:
-        where = f"{r['kernel']} {_fmt_map(r['constexprs'])} {_fmt_map(r['dtypes'])} {r['target']}"
+        where = label(r)
         if "error" in r:
             out.append(f"{where}: compile error: {r['error']}")
             continue
