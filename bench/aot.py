@@ -323,6 +323,9 @@ class Variant:
         return _qualname(self.fn)
 
 
+_BINDERS: dict[tuple[int, int], tuple] = {}
+
+
 def _bind(fn, args, kwargs, target):
     """What ``JITFunction.run`` computes before it compiles: (options, signature, constexprs, attrs) for ``target``
     (Triton 3.4+: ``create_function_from_signature`` and ``JITFunction._pack_args``; checked on 3.6 and 3.8)."""
@@ -333,8 +336,11 @@ def _bind(fn, args, kwargs, target):
     kwargs = dict(kwargs)
     kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    backend = make_backend(target)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    key = (id(fn), target.arch)
+    if key not in _BINDERS:  # one per kernel and arch, as JITFunction keeps one per device (building it: ~0.3 ms)
+        backend = make_backend(target)
+        _BINDERS[key] = backend, create_function_from_signature(fn.signature, fn.params, backend)
+    backend, binder = _BINDERS[key]
     bound_args, specialization, options = binder(*args, **kwargs)
     return fn._pack_args(backend, kwargs, bound_args, specialization, options)
 
