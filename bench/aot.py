@@ -910,7 +910,7 @@ def run(targets: list[str], mode: str = "default", jobs: int = 1) -> dict:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench aot", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="python -m bench aot", description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated sm_XX (default sm_80,sm_90)")
     p.add_argument("--dtypes", default="default", choices=["default", "all"], help="dtype cases (see the module doc)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="rows as JSON (default bench/results/kernels-aot.json)")
