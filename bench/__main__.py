@@ -13,6 +13,7 @@ SUITES = {
     "tables": "bench.tables",  # the compact tables of result files: python -m bench tables FILE.json ...
     "recipe": "bench.recipe",  # time to quality: the training command, then the judge
     "report": "bench.report",  # docs/results.md, the README's glance table and docs/cli.md from the files
+    "aot": "bench.aot",  # every Triton kernel compiled for sm_80 / sm_90 without a GPU: registers, spills, smem
 }
 
 

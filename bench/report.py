@@ -84,7 +84,10 @@ def recipe_section(results: Path) -> str:
             for r in rows
         ]  # fmt: skip
         if len(rows) > 1:
-            mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+
+            def mean(k: str, rows=rows) -> float:
+                return sum(r[k] for r in rows) / len(rows)
+
             body.append(
                 ["**mean**", f"{mean('steps'):.0f}", f"{mean('images_per_s'):.0f}", f"{mean('command_s'):.0f}",
                  f"**{_pct(mean('accuracy'))}**", f"{mean('fid'):.2f} ({mean('fid_over_floor'):.2f}×)"]
