@@ -30,17 +30,22 @@ step mode, and the term that is largest names the limit that binds. ``eager``: t
 ``cudagraphs``: the step replays as one graph, so the host's launch term is one launch. ``compile``: Inductor's
 launches are not counted on a CPU (its CUDA kernels are not generated there): the term uses the eager step's
 convolution and matmul calls (cuDNN/cuBLAS library calls that Inductor does not fuse), a lower bound of the
-compiled step's launches; ``--count-compiled`` on a CUDA machine counts the compiled step's kernels instead. Every
-term is a lower bound of the time it stands for, so the bound is an upper bound on images/s.
+compiled step's launches; ``--count-compiled`` on a CUDA machine counts the compiled step's kernels instead. Each
+term is meant as a lower bound of the time it stands for (datasheet peaks, least bytes, a lower bound of the
+launches), so the bound is an upper bound on images/s, with one soft spot: the seconds per eager launch, an
+assumption where no GPU is present (:data:`GPU_LAUNCH_S`), measured on a CUDA machine (a one-element add: a lower
+bound). On a CPU, which runs the three one after another rather than overlapped, the max is all the more a bound.
 
-Memory that fits: weights, gradients, AdamW's two moments and the EMA (5 x 4P) plus the saved activations and the
-inputs: an estimate (no allocator slack, cuDNN workspace or the transient gradients of the backward), used with
-10% of the device's memory held back; the largest power-of-two batch under it gets its own rows.
+Memory that fits (GPUs): weights, gradients, AdamW's two moments and the EMA (5 x 4P) plus the saved activations
+and the inputs: an estimate (no allocator slack, cuDNN workspace or the transient gradients of the backward), used
+with 10% of the device's memory held back; the largest power-of-two batch under it gets its own rows.
 
 ``--device cpu``: a probe measures this machine's peaks (conv and GEMM FLOP/s through the libraries the step uses,
 copy bandwidth, per-op dispatch time) next to the theoretical peak from ISA x FMA units x clock, then times the
 default CPU train step (the ``cpu`` preset at batch 24, one thread: one of the default run's two single-thread
-processes at global batch 48) and prints its achieved FLOP/s as a share of the probed peak.
+processes at global batch 48) and prints its achieved FLOP/s as a share of the probed peak, and from one profiled
+step the share of its time spent in convolutions and matmuls. CPU timings on a shared machine are noisy: medians,
+with the process CPU time and the load average next to them.
 """
 
 from __future__ import annotations
@@ -107,7 +112,7 @@ class Peak:
 # cudaLaunchKernel. 5 us is an assumption (PyTorch's eager overhead is commonly put at a few to 10 us per op;
 # cudaLaunchKernel alone is 2-4 us); `--device` on a CUDA machine measures this host's figure and prints it.
 GPU_LAUNCH_S = 5e-6
-_LAUNCH_NOTE = "assumed 5 us a launch (eager PyTorch dispatch + cudaLaunchKernel); measured on a CUDA host"
+_LAUNCH_NOTE = "an assumption: eager PyTorch dispatch + cudaLaunchKernel; on a CUDA machine the tool measures its own"
 GPU_PEAKS: dict[str, Peak] = {
     # NVIDIA A100 Tensor Core GPU datasheet (SXM4): BF16 312 TFLOP/s dense (624 with sparsity), TF32 156, FP32 19.5;
     # 40 GB HBM2 at 1,555 GB/s.
@@ -133,6 +138,12 @@ GPU_PEAKS: dict[str, Peak] = {
     ),
 }  # fmt: skip
 DEVICES = (*GPU_PEAKS, "cpu", "cuda")
+
+
+def _cuda_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
 
 
 def gpu_key(name: str) -> str | None:
@@ -190,23 +201,31 @@ def saved_tensor_bytes(fn: Callable[[], object], exclude: Iterable = ()) -> tupl
     return sum(by_dtype.values()), dict(by_dtype)
 
 
-@contextlib.contextmanager
-def _forced_autocast(device_type: str, dtype):
+class _ForcedAutocast:
     """Autocast on ``device_type`` through the low-level switches: ``torch.autocast("cuda")`` turns itself off
-    where no GPU is present, but fake CUDA tensors still go through CUDA's autocast policy this way."""
-    import torch
+    where no GPU is present, but fake CUDA tensors still go through CUDA's autocast policy this way. Reusable, as
+    ``torch.autocast`` is (the step enters its context once per call)."""
 
-    was_on, was_dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-    torch.set_autocast_enabled(device_type, True)
-    torch.set_autocast_dtype(device_type, dtype)
-    torch.autocast_increment_nesting()
-    try:
-        yield
-    finally:
+    def __init__(self, device_type: str, dtype):
+        self.device_type, self.dtype = device_type, dtype
+
+    def __enter__(self):
+        import torch
+
+        self._was = (torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type))
+        torch.set_autocast_enabled(self.device_type, True)
+        torch.set_autocast_dtype(self.device_type, self.dtype)
+        torch.autocast_increment_nesting()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
         if torch.autocast_decrement_nesting() == 0:
             torch.clear_autocast_cache()
-        torch.set_autocast_enabled(device_type, was_on)
-        torch.set_autocast_dtype(device_type, was_dtype)
+        torch.set_autocast_enabled(self.device_type, self._was[0])
+        torch.set_autocast_dtype(self.device_type, self._was[1])
+        return False
 
 
 def _autocast(device_type: str, amp: str):
@@ -216,7 +235,7 @@ def _autocast(device_type: str, amp: str):
     if amp == "none":
         return contextlib.nullcontext()
     if device_type == "cuda" and not torch.cuda.is_available():
-        return _forced_autocast("cuda", torch.bfloat16)
+        return _ForcedAutocast("cuda", torch.bfloat16)
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
@@ -773,6 +792,9 @@ def probe_cpu(threads: int = 1, quick: bool = False) -> dict:
     peak = {"fp32": max(m["conv_fp32"]["flops"], m["gemm_fp32"]["flops"])}
     peak["bf16"] = max(m["conv_bf16"]["flops"], m["gemm_bf16"]["flops"]) if m["conv_bf16"]["native"] else None
     out["peak"] = peak
+    # The clock the probes imply under the FMA model: no core does more FLOP a cycle than the model allows.
+    per_cycle = [(peak["fp32"], theo["fp32_flop_per_cycle"]), (peak["bf16"], theo["bf16_flop_per_cycle"])]
+    out["implied_mhz"] = max(f / (c * threads) / 1e6 for f, c in per_cycle if f and c)
     return out
 
 
@@ -788,11 +810,13 @@ def cpu_peak(probe: dict, memory: float | None) -> Peak:
     )  # fmt: skip
 
 
-def time_default_cpu_step(batch: int = CPU_STEP_BATCH, threads: int = 1, warmup: int = 3, iters: int = 10) -> dict:
+def time_default_cpu_step(batch: int = CPU_STEP_BATCH, threads: int = 1, warmup: int = 3, iters: int = 30) -> dict:
     """The default CPU train step as training runs it: the ``cpu`` preset, eager, ``--amp auto`` (bf16 where this
     CPU runs it natively, fp32 held to AVX2), ``batch`` images in ``threads`` threads: one of the default run's two
     single-thread processes at global batch 48 (without the gradient all-reduce between them). Seconds per step:
-    median and 20/80% quantiles of ``iters`` calls after ``warmup``."""
+    median and 20/80% quantiles of ``iters`` calls after ``warmup``, and the median process CPU seconds. Then one
+    profiled step: ``library_s``, its seconds inside convolutions and matmuls (:data:`LIBRARY`, with all they run
+    beneath them), of ``profiled_s`` (the profiler's own cost per op inflates the rest a little)."""
     import torch
 
     from fastflow.device import resolve_amp
@@ -809,11 +833,19 @@ def time_default_cpu_step(batch: int = CPU_STEP_BATCH, threads: int = 1, warmup:
             run(z, y, t, eps)
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:  # where the time goes: one more step
+            t0 = time.perf_counter()
+            run(z, y, t, eps)
+            profiled_s = time.perf_counter() - t0
+    library_s = sum(e.cpu_time_total for e in prof.events() if e.name in LIBRARY) / 1e6  # they do not nest
     times.sort()
     q = lambda p: times[min(len(times) - 1, round(p * (len(times) - 1)))]  # noqa: E731
     return {"preset": "cpu", "batch": batch, "threads": threads, "amp": amp, "iters": iters,
             "median_s": statistics.median(times), "q20_s": q(0.2), "q80_s": q(0.8),
-            "cpu_s": statistics.median(cpu_times), "loadavg_1m": os.getloadavg()[0]}  # fmt: skip
+            "cpu_s": statistics.median(cpu_times), "loadavg_1m": os.getloadavg()[0],
+            "profiled_s": profiled_s, "library_s": library_s}  # fmt: skip
 
 
 # -- the bound ------------------------------------------------------------------------------------------------------
@@ -944,18 +976,18 @@ def build_rows(
             fit = largest_batch(preset, amp, device_type, peak.memory, batches) if max_batch and peak.memory else None
             if fit and fit[0] not in batches:
                 sizes.append((fit[0], True))
+            comp_l = None
+            if count_compiled and "compile" in modes and count_device.type == "cuda":  # one compile, 1st batch
+                try:
+                    comp_l = step_launches(preset, amp, count_device, min(batches), compiled=True)[0]
+                except Exception:  # said on stderr; the compile rows keep the assumed count
+                    comp_l = None
             for b, is_max in sizes:
                 c = counts(preset, b, amp, device_type)
                 # CUDA: counted at the row's batch (the largest-fit row: at the largest batch asked for, which
                 # surely fits); a CPU's count does not depend on the batch.
                 lb = (max(batches) if is_max else b) if count_device.type == "cuda" else launch_batch
                 train_l, fwd_l = step_launches(preset, amp, count_device, lb)
-                comp_l = None
-                if count_compiled and "compile" in modes and count_device.type == "cuda":  # one compile: batch 1st
-                    try:
-                        comp_l = step_launches(preset, amp, count_device, min(batches), compiled=True)[0]
-                    except Exception:  # said on stderr; the compile rows keep the assumed count
-                        comp_l = None
                 pf, precision = _peak_flops(peak, amp, device_type)
                 common = {
                     "device": device, "device_name": peak.name, "preset": preset,
@@ -964,6 +996,7 @@ def build_rows(
                     "memory_estimate_bytes": c.memory_estimate, "device_memory_bytes": peak.memory,
                     "saved_bytes": c.saved_bytes, "saved_by_dtype": c.saved_by_dtype, "peak_flops": pf,
                     "bandwidth": peak.bandwidth, "launch_s": peak.launch_s, "prediction": device != "cpu",
+                    "counted_on": str(count_device) if count_device.type == "cpu" else _cuda_name(),
                 }  # fmt: skip
                 for mode in modes:
                     n, src = mode_launches(mode, train_l, comp_l, cpu=device == "cpu")
@@ -986,9 +1019,11 @@ def build_rows(
             r["measured"] = []
             for m in mine:
                 ips = m["images_per_s"] * (m.get("nfe") or 1) if r["kind"] == "sample" else m["images_per_s"]
+                peak_mb = m.get("torch_peak_mb")  # torch's allocator peak (CUDA): what the estimate estimates
                 r["measured"].append({
                     "mode": m["mode"], "nfe": m.get("nfe"), "images_per_s": ips, "ratio": ips / r["bound_images_per_s"],
-                    "device_name": m.get("device_name"), "peak_mb": m.get("torch_peak_mb") or m.get("peak_rss_mb"),
+                    "device_name": m.get("device_name"), "torch_peak_mb": peak_mb,
+                    "peak_over_estimate": peak_mb * 2**20 / r["memory_estimate_bytes"] if peak_mb else None,
                     "file": m["file"],
                 })  # fmt: skip
     return rows
@@ -1019,9 +1054,14 @@ def _measured_cell(r: dict) -> tuple[str, str]:
     if not ms:
         return "", ""
     if r["kind"] == "sample":
-        vals = "; ".join(f"{m['images_per_s']:.0f} @{m['nfe']}NFE" for m in ms)
+        vals = "; ".join(f"{m['images_per_s']:,.0f} @{m['nfe']}NFE" for m in ms)
     else:
-        vals = "; ".join(f"{m['images_per_s']:.0f}" + (f" ({m['mode']})" if len(ms) > 1 else "") for m in ms)
+        vals = "; ".join(
+            f"{m['images_per_s']:,.0f}"
+            + (f" ({m['mode']})" if len(ms) > 1 else "")
+            + (f", peak {m['peak_over_estimate']:.2f}x the memory estimate" if m.get("peak_over_estimate") else "")
+            for m in ms
+        )
     return vals, "; ".join(f"{m['ratio']:.2f}" for m in ms)
 
 
@@ -1035,9 +1075,16 @@ def roofline_table(rows: list[dict]) -> str:
         mine = [r for r in rows if r["kind"] == kind]
         if not mine:
             continue
-        pred = mine[0].get("prediction")
+        pred, where = mine[0].get("prediction"), str(mine[0].get("counted_on", "cpu"))
         what = "train step" if kind == "train" else "sampler evaluation (one forward at batch B; guided: 2B)"
-        out.append(f"**{what}** on {mine[0]['device_name']}" + (" (a prediction: not run on a GPU)" if pred else ""))
+        label = ""
+        if pred:
+            label = (
+                " (a prediction: not run on a GPU)"
+                if where == "cpu"
+                else f" (a bound, its launches counted on {where}; a prediction unless measured)"
+            )
+        out.append(f"**{what}** on {mine[0]['device_name']}{label}")
         out.append("")
         head = ["preset", "batch", "amp", "mode", "GFLOP", "least MB", "launches", "compute ms", "memory ms",
                 "launch ms", "bound img/s" if kind == "train" else "bound img·NFE/s", "binds"]  # fmt: skip
@@ -1050,7 +1097,7 @@ def roofline_table(rows: list[dict]) -> str:
                 _num(r["flops"] / 1e9), _num(r["bytes"] / 1e6), f"{r['launches']:.0f}", _num(1e3 * r["t_compute_s"]),
                 _num(1e3 * r["t_memory_s"]), _num(1e3 * r["t_launch_s"]), f"{r['bound_images_per_s']:,.0f}", r["binds"],
             ]  # fmt: skip
-            cells += [f"{r['epoch_s']:.3g}"] if kind == "train" else []
+            cells += [_num(r["epoch_s"])] if kind == "train" else []
             cells += list(_measured_cell(r)) if measured else []
             out.append(_md(cells))
         out.append("")
@@ -1087,6 +1134,13 @@ def _probe_lines(probe: dict) -> list[str]:
         f"theoretical per thread: {_si(th['fp32'], 'FLOP/s')} fp32, "
         + (f"{_si(th['bf16'], 'FLOP/s')} bf16" if th["bf16"] else "bf16 emulated")
         + f" ({probe['theoretical_rule']}); x{n} threads: {_si(n * th['fp32'], 'FLOP/s')} fp32",
+        f"the fastest probe implies a clock of at least {probe['implied_mhz']:.0f} MHz under that FMA model"
+        + (
+            " (above /proc/cpuinfo's: a VM sees the host's nominal clock, boost runs higher; shares of the "
+            "theoretical peak over 100% mean that)"
+            if probe["implied_mhz"] > (probe["mhz"] or 0)
+            else ""
+        ),
         "",
         "| probe | measured | library / implementation | share of theoretical |",
         "|---|--:|---|--:|",
@@ -1125,6 +1179,10 @@ def _step_lines(step: dict) -> list[str]:
             if step.get("theoretical_peak")
             else "no theoretical peak (emulated)"
         ),
+        f"  one profiled step: {step['library_s'] / step['profiled_s']:.0%} of its {1e3 * step['profiled_s']:.1f} ms in "
+        f"convolutions and matmuls, at {_si(step['flops'] / step['library_s'], 'FLOP/s')} while there "
+        f"({step['flops'] / step['library_s'] / step['probed_peak']:.0%} of the probed peak); the rest: "
+        f"{step['eager_ops'] - step['library_calls']} other ops (GroupNorm, SiLU, elementwise, casts, AdamW, EMA)",
         f"  the roofline's bound for this step: {step['bound_images_per_s']:.0f} images/s ({step['binds']}-bound): "
         f"measured ÷ bound {step['batch'] / step['median_s'] / step['bound_images_per_s']:.2f}",
     ]
@@ -1253,7 +1311,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not gpu:
         step = time_default_cpu_step(threads=args.threads, warmup=1 if args.quick_probe else 3,
-                                     iters=3 if args.quick_probe else 10)  # fmt: skip
+                                     iters=3 if args.quick_probe else 30)  # fmt: skip
         c = counts("cpu", step["batch"], step["amp"], "cpu")
         pf, precision = _peak_flops(peak, step["amp"], "cpu")
         theo = probe["theoretical_per_thread"][precision if precision == "bf16" else "fp32"]
@@ -1264,7 +1322,7 @@ def main(argv: list[str] | None = None) -> int:
             probed_peak=pf, share_of_probed=c.train_flops / step["median_s"] / pf,
             theoretical_peak=theo * args.threads if theo else None,
             share_of_theoretical=c.train_flops / step["median_s"] / (theo * args.threads) if theo else None,
-            eager_ops=train_l.ops, conv_probe=probe["measured"][f"conv_{precision}"]["flops"], **b,
+            eager_ops=train_l.ops, library_calls=train_l.library, conv_probe=probe["measured"][f"conv_{precision}"]["flops"], **b,
         )  # fmt: skip
         step["share_of_conv_probe"] = step["achieved_flops"] / step["conv_probe"]
         payload["default_step"] = step
