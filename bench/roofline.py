@@ -1178,7 +1178,9 @@ def _step_lines(step: dict) -> list[str]:
             f"{step['share_of_theoretical']:.1%} of the theoretical ({_si(step['theoretical_peak'], 'FLOP/s')})"
             if step.get("theoretical_peak")
             else "no theoretical peak (emulated)"
-        ),
+        )
+        + f"; on process CPU time {_si(step['flops'] / step['cpu_s'], 'FLOP/s')} = "
+        f"{step['flops'] / step['cpu_s'] / step['probed_peak']:.1%} of the probed peak",
         f"  one profiled step: {step['library_s'] / step['profiled_s']:.0%} of its {1e3 * step['profiled_s']:.1f} ms in "
         f"convolutions and matmuls, at {_si(step['flops'] / step['library_s'], 'FLOP/s')} while there "
         f"({step['flops'] / step['library_s'] / step['probed_peak']:.0%} of the probed peak); the rest: "
@@ -1309,7 +1311,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(roofline_table(rows))
 
-    if not gpu:
+    if not gpu and args.threads != 1:
+        print("\n(the default CPU train step is timed with --threads 1 only: its processes run one thread each)")
+    elif not gpu:
         step = time_default_cpu_step(threads=args.threads, warmup=1 if args.quick_probe else 3,
                                      iters=3 if args.quick_probe else 30)  # fmt: skip
         c = counts("cpu", step["batch"], step["amp"], "cpu")
@@ -1328,6 +1332,14 @@ def main(argv: list[str] | None = None) -> int:
         payload["default_step"] = step
         print()
         print("\n".join(_step_lines(step)))
+        m = probe["measured"]
+        if step["amp"] == "none" and m["conv_bf16"]["native"] and m["conv_bf16"]["flops"] > m["conv_fp32"]["flops"]:
+            from fastflow.device import cpu_bf16_probe
+
+            fp32_s, bf16_s = cpu_bf16_probe()
+            print(f"  note: --amp auto chose fp32 in this process (its matmul probe: bf16 {bf16_s / fp32_s:.2g}x fp32's "
+                  "time), though bf16 runs natively here and faster than fp32 (the conv probes above): a loaded CPU "
+                  "can tip that probe; training started now would run fp32 too")  # fmt: skip
     slug = device if gpu else f"cpu-{probe['isa'].lower()}"
     out = Path(args.out) if args.out else RESULTS / f"roofline-{slug}.json"
     payload["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
