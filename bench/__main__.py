@@ -14,6 +14,7 @@ SUITES = {
     "recipe": "bench.recipe",  # time to quality: the training command, then the judge
     "report": "bench.report",  # docs/results.md, the README's glance table and docs/cli.md from the files
     "aot": "bench.aot",  # every Triton kernel compiled for sm_80 / sm_90 without a GPU: registers, spills, smem
+    "roofline": "bench.roofline",  # the bound on images/s from FLOPs, bytes and launches against device peaks
 }
 
 
