@@ -1193,8 +1193,8 @@ def _step_lines(step: dict) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     from fastflow.config import PRESETS
-    from fastflow.settings import parse_int_list
     from fastflow.errors import ArgumentParser
+    from fastflow.settings import parse_int_list
 
     p = ArgumentParser(prog="python -m bench roofline", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=None, help=f"comma-separated, from {', '.join(PRESETS)} (default: "
