@@ -85,7 +85,7 @@ def caption(rows: list[dict]) -> str:
 
 
 def readme_table(rows: list[dict]) -> str:
-    """The README's form of one suite's rows: a mode per line, a batch size per column, each cell images/s
+    """The compact form of one suite's rows (docs/results.md's): a mode per line, a batch size per column, each cell images/s
     (sampling: at each NFE, ' / '-separated) and the peak memory in MiB in parentheses. An empty cell was not
     measured or skipped; failed and interrupted rows are listed under the table with their reason."""
     suite = rows[0]["suite"]
@@ -130,7 +130,7 @@ def readme_table(rows: list[dict]) -> str:
 
 
 def main(paths: list[str]) -> int:
-    """``python -m bench tables FILE.json ...``: each result file's caption and README table."""
+    """``python -m bench tables FILE.json ...``: each result file's caption and compact table."""
     if not paths:
         print("usage: python -m bench tables RESULT.json [...]", file=sys.stderr)
         return 2

@@ -44,7 +44,7 @@ MODES: dict[str, Mode] = {
     "seed-baseline": Mode(baseline=True),
 }
 BASELINE_BATCH = 32  # the original project's batch size
-# Row order of the README's tables: the baseline, then eager, then compiled.
+# Row order of the compact tables: the baseline, then eager, then compiled.
 TABLE_ORDER = (
     "seed-baseline",
     "eager-fp32",

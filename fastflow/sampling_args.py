@@ -29,15 +29,10 @@ __all__ = [
     "check_solvers",
 ]
 
-# Images integrated at a time when --batch-size is not given. CPU: the cpu preset's U-Net, fp32 eager, 10 Euler
-# steps, one thread, images per CPU-second, measured on a 2-vCPU Sapphire Rapids VM under load from other jobs:
-# batch 32/64/128/256/512 ran 54/52/52/44/38 natively and 44/39/39/33/28 held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2,
-# ATEN_CPU_CAPABILITY=avx2); 1000 digits ran 26 at batch 1000 against 46-48 at 128 and 51 at 64. The README's
-# bench table (idle 2-core EPYC, two threads) has eager fp32 at 74.8/67.1/74.1/62.2/45.4 for 32..512, and issue
-# 13 saw 38-51 img/s at 128 against 22-23 at 1000 on a 2-core AVX2 EPYC: past ~128 images the activations leave
-# the cache. 128 rather than 32-64: two threads split each op of a small batch into less work per thread.
-# CUDA: not measured (no GPU lent); 1000 makes the usual requests one call, and under guidance 2000 images of
-# 28×28 per network call, far below a GPU's memory.
+# Images integrated at a time when --batch-size is not given. CPU: 128, the fastest chunk measured for the cpu
+# preset's U-Net on 2-core CPUs of both kinds (past ~128 images the activations leave the cache, and a smaller
+# batch splits each op into less work per thread; the runs are in docs/history.md, "Speed"). CUDA: 1000 makes the
+# usual requests one call (under guidance 2000 images of 28×28 per network call, far below a GPU's memory).
 DEFAULT_BATCH_SIZE = {"cpu": 128, "cuda": 1000}
 
 

@@ -7,7 +7,7 @@ batched call of twice the batch, which costs as much as two calls).
 ``ab2`` is the second-order Adams–Bashforth method: one evaluation a step, like Euler, and the step's slope
 extrapolated linearly from this evaluation and the last one, so second order for the cost of first (the first
 step, with nothing before it, is an Euler step). At 6 NFE on the default model it beats midpoint at the same
-stage times and the same guided stages (README, "Guidance in an interval, and MeanFlow").
+stage times and the same guided stages (docs/history.md, "Guidance in an interval, and MeanFlow").
 
 ``meanflow`` is not an ODE solver: for a model trained with ``--objective meanflow`` (its U-Net takes the later
 time s) each step jumps with the learnt average velocity, x_{k+1} = x_k + (t_{k+1} − t_k)·u(x_k, t_k, t_{k+1}):

@@ -56,7 +56,7 @@ MODES = ("eager", "compile", "cudagraphs")
 def resolve_mode(compile: bool | None, cuda_graphs: bool | None, device: torch.device) -> str:
     """The step mode that ``--compile`` / ``--cuda-graphs`` ask for; None means the device's default: compiled
     and replayed as a CUDA graph on CUDA (a U-Net step at batch 32 is launch-bound eagerly), eager on a CPU
-    (measured: compiling loses ~5% on the AVX-512 machine; README, "Speed")."""
+    (measured: compiling does not pay inside a 300 s CPU budget; docs/cpu_recipe.md)."""
     if cuda_graphs and compile is False:
         raise UserError("--cuda-graphs needs --compile (the graph is captured from the compiled step)")
     if cuda_graphs and device.type != "cuda":

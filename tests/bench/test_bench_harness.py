@@ -1,5 +1,5 @@
 """The bench driver around the measured functions: data without MNIST, CUDA timing windows, a failing or
-interrupted row, the README's tables. Cheap: the tiny preset, two iterations, fakes where a GPU would be needed."""
+interrupted row, the compact tables. Cheap: the tiny preset, two iterations, fakes where a GPU would be needed."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_train_cli_runs_without_mnist(tmp_path, cli):
     rows = json.loads((out / "train-cpu.json").read_text())["rows"]
     assert [(r["mode"], r["batch"], r["status"], r["data"]) for r in rows] == [("eager-fp32", 16, "ok", "synthetic")]
     assert rows[0]["images_per_s"] > 0 and rows[0]["timing"] == "per call: 2 calls"
-    assert "| train images/s (peak RSS MiB) | 16 |" in p.stdout  # the README's table
+    assert "| train images/s (peak RSS MiB) | 16 |" in p.stdout  # the compact table
 
 
 def test_resolve_data(tmp_path, mnist_root):

@@ -58,7 +58,7 @@ def test_single_values_in_sample_and_lists_in_evaluate():
     c = evaluate_parser().parse_args(["--guidance-intervals", "none", "0.3,1", "0,1", "--guidance", "1,2"])
     assert c.guidance_interval == [None, (0.3, 1.0), None]  # none and 0,1 both mean: guide at every stage
     d = sample_parser().parse_args([])
-    # guidance only for t in [0.2, 0.7] unless asked otherwise (measured: README, "Guidance in an interval")
+    # guidance only for t in [0.2, 0.7] unless asked otherwise (measured: docs/history.md, "Guidance in an interval")
     assert (d.solver, d.guidance, d.guidance_interval, d.grid, d.batch_size) == (
         "euler",
         1.0,
