@@ -11,6 +11,7 @@ SUITES = {
     "train": "bench.model",  # train-step images/s and memory across batch sizes and modes
     "sample": "bench.model",  # sampler images/s at 10, 20 and 50 NFE
     "tables": "bench.model",  # the README's tables from result files: python -m bench tables FILE.json ...
+    "web": "bench.web",  # the demo page in headless Chromium against fastflow.sample (docs/export.md)
 }
 
 
