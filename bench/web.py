@@ -15,6 +15,7 @@ screenshot of the page to ``--screenshot``. ``python -m bench web --table FILE..
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -40,6 +41,7 @@ __all__ = [
     "seeded_noise",
     "Page",
     "cpu_name",
+    "cpu_vector_flags",
     "main",
 ]
 
@@ -99,15 +101,26 @@ def fastflow_sample(
     return images
 
 
-def cpu_name() -> str:
+def _cpuinfo(key: str) -> str | None:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
+
+
+def cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or "unknown"
+
+
+def cpu_vector_flags() -> list[str]:
+    """The vector extensions this CPU reports that decide these timings (torch's kernels use the widest; the
+    browser's wasm has 128-bit SIMD whatever the CPU)."""
+    flags = set((_cpuinfo("flags") or "").split())
+    return [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
 
 
 class Page:
@@ -116,7 +129,7 @@ class Page:
     ``query``: the page's URL query (``?seed=0`` makes its own noise repeatable). ``timeout_s``: for the model to
     load and for each generation."""
 
-    def __init__(self, model: str | Path, query: str = "", timeout_s: float = 120.0, viewport=(760, 900)):
+    def __init__(self, model: str | Path, query: str = "", timeout_s: float = 120.0, viewport=(760, 600)):
         self.model, self.query, self.timeout_s, self.viewport = Path(model), query, timeout_s, viewport
         self.server: subprocess.Popen | None = None
         self._pw = self.browser = self.page = None
@@ -246,27 +259,52 @@ class Page:
 # -- the benchmark -----------------------------------------------------------------------------------------------
 
 
-def _median_ms(fn, repeats: int) -> tuple[float, list[float]]:
-    fn()  # warm-up: first-call set-up (oneDNN primitives, wasm memory growth) is not generation time
-    runs = []
+def _timed_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def _interleaved(runners: dict, repeats: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """``runners``: name -> a callable that generates once and returns its time in ms. One first call each (with
+    its one-time set-up: oneDNN primitives, wasm memory growth; returned apart), then ``repeats`` rounds, each
+    runner once a round: on a machine shared with other jobs a change of load then hits every runtime alike."""
+    first = {name: run() for name, run in runners.items()}
+    times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        runs.append((time.perf_counter() - t0) * 1000.0)
-    return statistics.median(runs), runs
+        for name, run in runners.items():
+            times[name].append(run())
+    return first, times
 
 
-def _torch_threads(n: int | None):
-    class _Ctx:
-        def __enter__(self):
-            self.old = torch.get_num_threads()
-            if n:
-                torch.set_num_threads(n)
+def judge_page(page: Page, cache: str, data_root: str, w: float | None, per_digit: int = 10) -> dict:
+    """Ask ``page`` for ``per_digit`` of each digit (its own noise) and judge the pixels it drew with the
+    project's classifier: ``{"agree", "of", "per_digit", "classifier_test_accuracy"}``."""
+    from fastflow.classifier import load_or_train_classifier
 
-        def __exit__(self, *exc):
-            torch.set_num_threads(self.old)
+    clf, acc = load_or_train_classifier(data_root, cache, verbose=False)
+    per = {}
+    for digit in range(10):
+        page.generate(digit, per_digit, w)
+        images, _ = page.drawn()
+        with torch.no_grad():
+            per[digit] = int((clf(images).argmax(1) == digit).sum())
+    return {"agree": sum(per.values()), "of": 10 * per_digit, "per_digit": per, "classifier_test_accuracy": acc}
 
-    return _Ctx()
+
+class _Threads:
+    """torch's intra-op threads set to ``n`` (None: as they are) inside the block."""
+
+    def __init__(self, n: int | None):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,17 +322,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="", help="result file web-cpu-TAG.json (default: web-cpu.json)")
     p.add_argument("--results", default=str(REPO / "bench" / "results"), help="folder for the result file")
     p.add_argument("--screenshot", default=None, help="also write a PNG of the page with its 100 digits here")
+    p.add_argument(
+        "--judge",
+        default=None,
+        metavar="DIR",
+        help="also ask the page for 10 of each digit and judge the pixels it drew with the classifier cached in DIR "
+        "(fastflow.evaluate's --classifier; trained there from --data-root's MNIST if missing)",
+    )
+    p.add_argument("--data-root", default="data", help="MNIST for --judge's classifier (default: data)")
     p.add_argument("--table", nargs="+", default=None, metavar="FILE", help="print docs/export.md's table; no run")
     return p
 
 
 def markdown_table(results: list[dict]) -> str:
-    out = ["| model, sampler | runtime | 100 digits, median ms | CPU (ISA) |", "|---|---|--:|---|"]
+    """One row a runtime: the median time for ``count`` digits over the timed rounds, and the first call's."""
+    out = ["| sampler | runtime | digits | median ms | first call ms |", "|---|---|--:|--:|--:|"]
     for r in results:
-        what = f"{r['checkpoint']['objective']}: {r['sampler']}"
+        what = f"{r['checkpoint']['objective']} model: {r['sampler']}"
         for row in r["rows"]:
-            out.append(f"| {what} | {row['runtime']} | {row['median_ms']:.0f} | {r['cpu']} ({r['isa']}) |")
-    return "\n".join(out)
+            out.append(f"| {what} | {row['runtime']} | {r['count']} | {row['median_ms']:.0f} | {row['first_ms']:.0f} |")
+    cpus = sorted(
+        {f"{r['cpu']}, {r['host_cpus']} CPUs, torch ISA {r['isa']} ({' '.join(r['cpu_flags'])})" for r in results}
+    )
+    return "\n".join(out + [""] + [f"Measured on {c}." for c in cpus])
 
 
 @cli
@@ -326,55 +376,51 @@ def main(argv: list[str] | None = None) -> int:
     n = args.count
     labels = torch.arange(n) % 10  # as the page's "all": 0-9 in turn
     load0 = os.getloadavg()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="fastflow-web-") as tmp:
+    noise = seeded_noise(n, 0)
+    feed = {"noise": noise.numpy(), "labels": labels.numpy()}
+    if w is not None:
+        feed["w"] = torch.tensor([w]).numpy()
+    all_threads = torch.get_num_threads()
+    runners: dict = {}
+    with tempfile.TemporaryDirectory(prefix="fastflow-web-") as tmp, contextlib.ExitStack() as stack:
         onnx_path = Path(tmp) / "model.onnx"
         info = export_onnx(build_graph(model, spec), onnx_path, args.opset)
         print(f"exported: {spec.describe()}, opset {info['opset']}, {info['bytes'] / 1e6:.2f} MB")
-
-        with Page(onnx_path, "?seed=0") as page:
-            page.generate("all", n, w)  # warm-up
-            runs = [page.generate("all", n, w)["ms"] for _ in range(args.repeats)]
-            rows.append(
-                {
-                    "runtime": "browser: onnxruntime-web wasm, 1 thread",
-                    "median_ms": statistics.median(runs),
-                    "runs_ms": runs,
-                    "chromium": page.version,
-                    "onnxruntime_web": page.ready["version"],
-                }
-            )
-            print(f"browser: {rows[-1]['median_ms']:.0f} ms for {n} digits (median of {args.repeats})")
-            if args.screenshot:
-                page.screenshot(args.screenshot)
-                print(f"screenshot -> {args.screenshot}")
-
-        noise = seeded_noise(n, 0)
-        feed = {"noise": noise.numpy(), "labels": labels.numpy()}
-        if w is not None:
-            feed["w"] = torch.tensor([w]).numpy()
-        for threads in (1, None):
+        page = stack.enter_context(Page(onnx_path, "?seed=0"))
+        browser = "browser: onnxruntime-web wasm, 1 thread"
+        runners[browser] = lambda: page.generate("all", n, w)["ms"]  # the page's clock, session.run alone
+        for threads in (1, all_threads):
             opts = ort.SessionOptions()
-            if threads:
-                opts.intra_op_num_threads = threads
+            opts.intra_op_num_threads = threads
             sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-            med, runs = _median_ms(lambda s=sess: s.run(None, feed), args.repeats)
-            label = f"onnxruntime {ort.__version__} CPU (Python), {threads or 'default'} thread{'s' * (threads != 1)}"
-            rows.append({"runtime": label, "median_ms": med, "runs_ms": runs})
-            print(f"{label}: {med:.0f} ms")
+            name = f"onnxruntime {ort.__version__} CPU (Python), {threads} thread{'s' * (threads != 1)}"
+            runners[name] = lambda s=sess: _timed_ms(lambda: s.run(None, feed))
+        for threads in (1, all_threads):
 
-    for threads in (1, None):
-        with _torch_threads(threads), torch.no_grad():
-            used = torch.get_num_threads()
-            med, runs = _median_ms(
-                lambda: fastflow_sample(
-                    model, labels, spec.solver, spec.steps, guidance=w or 1.0, interval=spec.interval, grid=spec.grid
-                ),
-                args.repeats,
-            )
-        label = f"fastflow.sample, torch fp32 eager, {used} thread{'s' * (used != 1)}"
-        rows.append({"runtime": label, "median_ms": med, "runs_ms": runs})
-        print(f"{label}: {med:.0f} ms")
+            def draw(threads=threads) -> float:
+                with _Threads(threads), torch.no_grad():
+                    return _timed_ms(
+                        lambda: fastflow_sample(
+                            model, labels, spec.solver, spec.steps, guidance=w or 1.0, interval=spec.interval,
+                            grid=spec.grid,
+                        )
+                    )  # fmt: skip
+
+            runners[f"fastflow.sample, torch fp32 eager, {threads} thread{'s' * (threads != 1)}"] = draw
+        first, times = _interleaved(runners, args.repeats)
+        if args.screenshot:
+            page.screenshot(args.screenshot)  # after the last round: the page shows 100 digits
+            print(f"screenshot -> {args.screenshot}")
+        if args.judge:
+            judged = judge_page(page, args.judge, args.data_root, w)
+            print(f"the judge agrees with the asked digit for {judged['agree']}/{judged['of']} of the page's digits")
+        versions = {"chromium": page.version, "onnxruntime_web": page.ready["version"]}
+    rows = []
+    for name, runs in times.items():
+        rows.append({"runtime": name, "median_ms": statistics.median(runs), "runs_ms": runs, "first_ms": first[name]})
+        if name == browser:
+            rows[-1].update(versions)
+        print(f"{name}: {rows[-1]['median_ms']:.0f} ms for {n} digits (median of {args.repeats})")
 
     result = {
         "format": "fastflow-bench-1",
@@ -383,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cpu": cpu_name(),
         "isa": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": cpu_vector_flags(),
         "host_cpus": os.cpu_count(),
         "loadavg_1min": [load0[0], os.getloadavg()[0]],  # before and after: other jobs on the machine
         "torch": torch.__version__,
@@ -394,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "rows": rows,
         "screenshot": args.screenshot,
+        "page_judged": judged if args.judge else None,
     }
     name = f"web-cpu-{args.tag}.json" if args.tag else "web-cpu.json"
     out = atomic_write_json(Path(args.results) / name, result)

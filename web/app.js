@@ -85,6 +85,9 @@ async function run(digit, count, opts) {
   const t1 = performance.now();
   draw(out.images.data, labels);
   const drawMs = performance.now() - t1;
+  $("digit").value = String(digit); // the controls show what was drawn, however it was asked for
+  $("count").value = String(count);
+  if (takesW) $("w").value = String(w);
   const what = digit === "all" ? "digits 0–9" : `digit ${digit}`;
   $("status").textContent =
     `${count} × ${what}${takesW ? `, w = ${w}` : ""}: generated in ${ms.toFixed(1)} ms ` +

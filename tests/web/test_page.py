@@ -9,9 +9,10 @@ three-epoch default (about 160 s of CPU).
 
 The page's output on fastflow.sample's noise must equal fastflow.sample's images within TOL (2e-5; why: below).
 
-Thresholds: of the 10 digits the page draws for each asked digit, the judge must agree for a majority of each
-(> 5 of 10) and for >= 80% of all 100. Observed on a 2-core AMD EPYC (Zen 4, AVX-512 BF16): 94/100, the weakest digit
-8/10 (fastflow.sample on 500 digits of the same model and sampler: 96.4-96.6%, the weakest digit 88%).
+Thresholds: of the 20 digits the page draws for each asked digit, the judge must agree for at least half of each
+and for >= 85% of all 200. Observed on a 2-core AMD EPYC (Zen 4, AVX-512 BF16): see the test's printed line and
+docs/export.md (fastflow.sample on 500 digits of the same model and sampler: 96.4-96.6%, the weakest digit 88%;
+the three-epoch judge on the page's digits: 92/100, the weakest 7/10).
 
 Skips when Chromium, playwright or ``make web``'s files are missing, except under ``FASTFLOW_REQUIRE_BROWSER=1``
 (.ci/run sets it), where that fails.
@@ -30,7 +31,7 @@ from bench.web import Page, browser_missing, fastflow_sample, seeded_noise
 REQUIRE = os.environ.get("FASTFLOW_REQUIRE_BROWSER") == "1"
 TRAIN_STEPS = 400  # 300 gave 83-86% here at the same sampler; 400: 95-97% (docs/export.md)
 STEPS, W = 2, 3.0  # Euler, guided at every step
-PER_DIGIT = 10
+PER_DIGIT = 20
 # The page's onnxruntime-web (wasm) against fastflow.sample, fp32 images in [0, 1]. Both are fp32 roundings of the
 # same sum: measured against an fp64 run of the same sampler, fastflow.sample is 4.0e-6 off at w = 3 (1.8e-6 at
 # w = 1) and the page 5.2e-6 (2.4e-6), so the two differ by up to 7.9e-6 (2.9e-6): w = 3 scales each half's
@@ -79,6 +80,7 @@ def _agree(judge, images: torch.Tensor, digit: int) -> int:
 
 
 def test_page_draws_the_asked_digits(page_model, judge, tmp_path, record_property):
+    """One test, so that pytest-xdist cannot run the module's model fixture on two workers."""
     from fastflow.checkpoint import build_model, load_checkpoint
 
     ckpt_dir, onnx_path = page_model
@@ -97,7 +99,7 @@ def test_page_draws_the_asked_digits(page_model, judge, tmp_path, record_propert
         total = sum(hits.values())
         print(f"judge agrees with the asked digit: {total}/{10 * PER_DIGIT}, per digit {hits}")
         record_property("agreement", total / (10 * PER_DIGIT))
-        assert total >= 0.8 * 10 * PER_DIGIT and min(hits.values()) > PER_DIGIT // 2, hits
+        assert total >= 0.85 * 10 * PER_DIGIT and min(hits.values()) >= PER_DIGIT // 2, hits
 
         # The same 100 digits as fastflow.sample: its noise fed to the page; the graph's output, then the pixels.
         n = 100
@@ -123,9 +125,7 @@ def test_page_draws_the_asked_digits(page_model, judge, tmp_path, record_propert
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
         assert not [m for m in page.console if m.startswith(("error", "pageerror"))], page.console
 
-
-def test_page_refuses_bad_requests(page_model):
-    with Page(page_model[1]) as page:
+        # What the page refuses (its API; the controls hold the same values).
         for digit, count in ((10, 5), ("7", 5), (3, 0), (3, 257)):
             with pytest.raises(Exception, match="digit must be|count must be"):
                 page.generate(digit, count, W)
