@@ -15,6 +15,7 @@ SUITES = {
     "report": "bench.report",  # docs/results.md, the README's glance table and docs/cli.md from the files
     "aot": "bench.aot",  # every Triton kernel compiled for sm_80 / sm_90 without a GPU: registers, spills, smem
     "roofline": "bench.roofline",  # the bound on images/s from FLOPs, bytes and launches against device peaks
+    "web": "bench.web",  # the demo page in headless Chromium against fastflow.sample (docs/export.md)
 }
 
 
