@@ -217,17 +217,19 @@ def glance_table(results: Path = RESULTS) -> str:
 
 
 def _programs() -> list[tuple[str, argparse.ArgumentParser]]:
-    from fastflow import evaluate, sample, train
+    from fastflow import evaluate, export, sample, train
 
-    from . import grid, kernels, recipe
+    from . import grid, kernels, recipe, web
 
     return [
         ("python -m fastflow.train", train.build_parser()),
         ("python -m fastflow.sample", sample.build_parser()),
         ("python -m fastflow.evaluate", evaluate.build_parser()),
+        ("python -m fastflow.export", export.build_parser()),
         ("python -m bench train | sample", grid.build_parser("train")),
         ("python -m bench kernels", kernels.build_parser()),
         ("python -m bench recipe", recipe.build_parser()),
+        ("python -m bench web", web.build_parser()),
         ("python -m bench report", build_parser()),
     ]
 

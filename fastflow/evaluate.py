@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     batch_size = resolve_batch_size(args.batch_size, device)
     ckpt = load_checkpoint(args.checkpoint, with_state=False)
-    check_solvers(args.solver, ckpt.objective, ckpt.path)
+    check_solvers(args.solver, ckpt)
     use_ema = not args.no_ema and ckpt.ema_weights is not None
     model = build_model(ckpt, use_ema=use_ema).to(device).eval()
     amp = resolve_amp(args.amp, device)

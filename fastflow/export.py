@@ -11,8 +11,8 @@ label", and at the end the clamp to [-1, 1] mapped to [0, 1]. So onnxruntime on 
 Guidance (``--guided``): the graph takes w as an input, and every stage whose time lies in ``--guidance-interval``
 (default 0.2,0.7, ``fastflow.sample``'s) runs the conditional and unconditional halves as one call of twice the
 batch, whatever w is fed (w = 1 too): 2 NFE for such a stage, 1 for the others. Without ``--guided`` every stage
-is the conditional field, 1 NFE, and the graph has no w input (a distilled MeanFlow model carries its guidance in
-its weights: ``--mf-guidance``).
+is the conditional field, 1 NFE, and the graph has no w input (a distilled MeanFlow model carries its teacher's
+guidance in its weights).
 
 torch's ONNX exporter (``torch.onnx.export(..., dynamo=True)``, through onnxscript) writes the graph; it needs
 the ``export`` extra (``pip install -e '.[export]'``: onnx, onnxscript).
@@ -20,10 +20,8 @@ the ``export`` extra (``pip install -e '.[export]'``: onnx, onnxscript).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import math
 import sys
 import time
 import warnings
@@ -33,15 +31,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import build_model, load_checkpoint
+from .checkpoint import Checkpoint, build_model, load_checkpoint
 from .errors import ArgumentParser, UserError, cli
 from .io import atomic_save, check_writable
-from .solvers import GRIDS, ab2_slope, time_grid
+from .sampling_args import parse_interval
+from .settings import add_settings, setting
+from .solvers import DEFAULT_INTERVAL, GRIDS, SamplerSpec, ab2_slope
 
 __all__ = [
     "SOLVERS",
     "MAX_STEPS",
-    "DEFAULT_INTERVAL",
+    "ExportSettings",
     "ExportSpec",
     "SamplerGraph",
     "resolve_spec",
@@ -56,19 +56,8 @@ SOLVERS = ("euler", "ab2", "meanflow")  # one network call a stage; the others (
 # does the export's time (the cpu preset: 1 step 5-7 s, 10 steps 23-33 s on a loaded 2-core EPYC). 100 steps is
 # far past any setting the README measures (10 Euler steps, 1-4 MeanFlow jumps).
 MAX_STEPS = 100
-DEFAULT_INTERVAL = (0.2, 0.7)  # fastflow.sample's --guidance-interval default (README, "Guidance in an interval")
 INPUTS = ("noise", "labels", "w")
 OUTPUT = "images"
-
-
-def guided_stages(grid: torch.Tensor, interval: tuple[float, float] | None) -> list[bool]:
-    """Per step of ``grid`` (each of the exported solvers has one stage, at the step's start): whether it lies in
-    ``interval``, closed, compared in fp32 as :func:`fastflow.solvers.stage_plan` compares (``None``: all)."""
-    t = grid[:-1].to(torch.float32)
-    if interval is None:
-        return [True] * len(t)
-    lo, hi = (torch.tensor(v, dtype=torch.float32) for v in interval)
-    return ((t >= lo) & (t <= hi)).tolist()
 
 
 class SamplerGraph(nn.Module):
@@ -200,112 +189,93 @@ def export_onnx(
     return {"opset": got, "inputs": [i.name for i in proto.graph.input], "bytes": len(data)}
 
 
-def _interval(text: str) -> tuple[float, float] | None:
-    if text.strip().lower() == "none":
-        return None
-    parts = text.split(",")
-    try:
-        lo, hi = (float(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an interval LO,HI (e.g. 0.2,0.7) or none") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo < hi <= 1.0):
-        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= LO < HI <= 1 (t = 0 noise, t = 1 data)")
-    return lo, hi
+@dataclass(frozen=True)
+class ExportSettings:
+    """Which checkpoint, which sampler, and where the graph goes."""
+
+    checkpoint: str = setting("model", "checkpoint folder")
+    out: str = setting("model.onnx", "ONNX file to write", metavar="ONNX")
+    solver: str | None = setting(
+        None, f"one of {', '.join(SOLVERS)}", choices=SOLVERS, shown="meanflow for a MeanFlow checkpoint, else euler"
+    )
+    steps: int | None = setting(
+        None, f"steps (jumps) of the fixed grid, at most {MAX_STEPS}", metavar="N", shown="1 for meanflow, else 10"
+    )
+    grid: str = setting("uniform", "time grid", choices=GRIDS)
+    guided: bool = setting(
+        False,
+        "take classifier-free guidance w as an input: 2 NFE at every stage inside --guidance-interval, whatever w "
+        "(off: no w input, 1 NFE a stage)",
+    )
+    guidance_interval: tuple[float, float] | None = setting(
+        DEFAULT_INTERVAL, "with --guided: guide the stages whose time lies in [LO, HI]; none: all",
+        parse=parse_interval, metavar="LO,HI", shown="0.2,0.7",
+    )  # fmt: skip
+    no_ema: bool = setting(False, "use the raw weights, not the EMA ones")
+    opset: int | None = setting(None, "ONNX opset", shown="the exporter's")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="python -m fastflow.export",
         description="Write a checkpoint's sampler as an ONNX graph: (noise, labels[, w]) -> images in [0, 1].",
     )
-    p.add_argument("--checkpoint", default="model", help="checkpoint folder (default: model)")
-    p.add_argument("--out", default="model.onnx", help="ONNX file to write (default: model.onnx)")
-    p.add_argument(
-        "--solver",
-        default=None,
-        help=f"one of {', '.join(SOLVERS)} (default: meanflow for a MeanFlow checkpoint, else euler)",
-    )
-    p.add_argument(
-        "--steps", type=int, default=None, help="steps (jumps) of the fixed grid (default: 1 for meanflow, else 10)"
-    )
-    p.add_argument("--grid", default="uniform", choices=GRIDS, help="time grid (default: uniform)")
-    p.add_argument(
-        "--guided",
-        action="store_true",
-        help="take classifier-free guidance w as an input: 2 NFE at every stage inside --guidance-interval, "
-        "whatever w (default: no w input, 1 NFE a stage)",
-    )
-    p.add_argument(
-        "--guidance-interval",
-        type=_interval,
-        default=DEFAULT_INTERVAL,
-        metavar="LO,HI",
-        help="with --guided: guide the stages whose time lies in [LO, HI]; none: all (default: 0.2,0.7)",
-    )
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA ones")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    add_settings(p.add_argument_group("export"), ExportSettings)
     return p
 
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """What the graph computes: ``steps`` steps of ``solver`` on a ``grid`` time grid; with ``guided``, the steps
-    that start inside ``interval`` (``None``: all) run guided at the input w."""
+    """What the graph computes: ``sampler``'s steps (its solver, grid and guidance interval); with ``guided``, the
+    steps that start inside the interval run both halves at the graph's input w."""
 
-    solver: str
-    steps: int
-    grid: str = "uniform"
+    sampler: SamplerSpec
     guided: bool = False
-    interval: tuple[float, float] | None = DEFAULT_INTERVAL
-
-    @property
-    def time_grid(self) -> torch.Tensor:
-        return time_grid(self.steps, self.grid)
 
     @property
     def guided_steps(self) -> list[bool] | None:
-        return guided_stages(self.time_grid, self.interval) if self.guided else None
+        """Per step: guided (one stage a step: the plan's only column)."""
+        return [stages[0] for stages in self.sampler.plan] if self.guided else None
 
     @property
     def nfe(self) -> int:
         """Network evaluations per image, whatever w is fed (a guided step runs both halves even at w = 1)."""
-        return sum(2 if g else 1 for g in (self.guided_steps or [False] * self.steps))
+        return sum(2 if g else 1 for g in (self.guided_steps or [False] * self.sampler.steps))
 
     def describe(self) -> str:
-        s = f"{self.solver}, {self.steps} step{'s' * (self.steps > 1)}"
-        if self.grid != "uniform":
-            s += f" ({self.grid} grid)"
+        s = self.sampler
+        text = f"{s.solver}, {s.steps} step{'s' * (s.steps > 1)}" + (f" ({s.grid} grid)" if s.grid != "uniform" else "")
         if self.guided:
-            iv = "everywhere" if self.interval is None else f"in [{self.interval[0]:g}, {self.interval[1]:g}]"
-            s += f", guided {iv} at the input w"
-        return f"{s}, {self.nfe} NFE"
+            iv = "everywhere" if s.interval is None else f"in [{s.interval[0]:g}, {s.interval[1]:g}]"
+            text += f", guided {iv} at the input w"
+        return f"{text}, {self.nfe} NFE"
 
 
 def resolve_spec(
-    objective: str,
+    ckpt: Checkpoint,
     solver: str | None = None,
     steps: int | None = None,
     grid: str = "uniform",
     guided: bool = False,
     interval: tuple[float, float] | None = DEFAULT_INTERVAL,
-    where: str = "the checkpoint",
 ) -> ExportSpec:
-    """The sampler to export for a checkpoint trained with ``objective``; defaults: MeanFlow's one jump for a
-    MeanFlow checkpoint, 10 Euler steps otherwise. What cannot be exported is a one-line :class:`UserError`."""
-    solver = solver or ("meanflow" if objective == "meanflow" else "euler")
+    """The sampler to export for ``ckpt``; defaults: the one jump for a MeanFlow model (its U-Net takes the later
+    time), 10 Euler steps otherwise. What cannot be exported is a one-line :class:`UserError`."""
+    mean_flow = ckpt.model_cfg.mean_flow
+    solver = solver or ("meanflow" if mean_flow else "euler")
     if solver not in SOLVERS:
         raise UserError(f"--solver {solver}: not exportable; the exported samplers are {', '.join(SOLVERS)}")
-    if solver == "meanflow" and objective != "meanflow":
+    if solver == "meanflow" and not mean_flow:
         raise UserError(
-            f"--solver meanflow needs a checkpoint trained with --objective meanflow; {where} was trained with "
-            f"objective {objective} (use euler or ab2)"
+            f"--solver meanflow needs a checkpoint trained with a meanflow objective; {ckpt.path} was trained with "
+            f"objective {ckpt.objective} (use euler or ab2)"
         )
     steps = steps if steps is not None else (1 if solver == "meanflow" else 10)
     if not 0 < steps <= MAX_STEPS:
         raise UserError(f"--steps must be in 1..{MAX_STEPS} (the loop is unrolled into the graph), got {steps}")
     if grid not in GRIDS:
         raise UserError(f"--grid {grid}: choose one of {', '.join(GRIDS)}")
-    spec = ExportSpec(solver, steps, grid, guided, interval)
+    spec = ExportSpec(SamplerSpec(solver, steps, grid=grid, interval=interval), guided)
     if guided and not any(spec.guided_steps):
         raise UserError(
             f"--guided: no step of this {steps}-step grid starts inside --guidance-interval "
@@ -315,16 +285,14 @@ def resolve_spec(
 
 
 def build_graph(model: nn.Module, spec: ExportSpec) -> SamplerGraph:
-    return SamplerGraph(model, spec.solver, spec.time_grid, spec.guided_steps)
+    return SamplerGraph(model, spec.sampler.solver, spec.sampler.times(), spec.guided_steps)
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ckpt = load_checkpoint(args.checkpoint, with_state=False)
-    spec = resolve_spec(
-        ckpt.objective, args.solver, args.steps, args.grid, args.guided, args.guidance_interval, str(ckpt.path)
-    )
+    spec = resolve_spec(ckpt, args.solver, args.steps, args.grid, args.guided, args.guidance_interval)
     check_writable(args.out, "--out", kind="file")
     _needs("onnx")
     _needs("onnxscript")

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     batch_size = resolve_batch_size(args.batch_size, device)
     ckpt = load_checkpoint(args.checkpoint, with_state=False)
-    check_solvers([args.solver], ckpt.objective, ckpt.path)
+    check_solvers([args.solver], ckpt)
     model = build_model(ckpt, use_ema=not args.no_ema).to(device).eval()
     dtype = resolve_amp(args.amp, device)
     ctx = autocast(device, dtype)

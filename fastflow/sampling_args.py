@@ -163,11 +163,12 @@ def describe_guidance(guidance: float, interval: Interval | None) -> str:
     return f"{text} for t in [{interval[0]:g}, {interval[1]:g}]"
 
 
-def check_solvers(solvers, objective: str, path) -> None:
-    """``--solver meanflow`` needs a model trained with ``--objective meanflow`` (its U-Net takes the later time):
-    a one-line UserError naming the checkpoint's objective otherwise. The ODE solvers run on either kind."""
-    if "meanflow" in solvers and objective != "meanflow":
+def check_solvers(solvers, ckpt) -> None:
+    """``--solver meanflow`` needs a MeanFlow model (its U-Net takes the later time: ``--objective meanflow`` or
+    ``meanflow-distill``): a one-line UserError naming the checkpoint's objective otherwise. The ODE solvers run on
+    either kind."""
+    if "meanflow" in solvers and not ckpt.model_cfg.mean_flow:
         raise UserError(
-            f"--solver meanflow needs a checkpoint trained with --objective meanflow; {path} was trained with "
-            f"objective {objective} (use an ODE solver: {', '.join(ODE_SOLVERS)})"
+            f"--solver meanflow needs a checkpoint trained with a meanflow objective; {ckpt.path} was trained with "
+            f"objective {ckpt.objective} (use an ODE solver: {', '.join(ODE_SOLVERS)})"
         )

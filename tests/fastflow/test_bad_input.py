@@ -96,7 +96,7 @@ CASES = [
     Case("S17", "sample", ["--colour", "red"], "unrecognized arguments: --colour red"),
     Case("S18", "sample", ["--guidance-interval", "0.8,0.2"], "guidance interval 0.8,0.2: need 0 <= LO < HI <= 1"),
     Case("S19", "sample", ["--batch-size", "0"], "--batch-size must be > 0, got 0"),
-    Case("S20", "sample", ["--solver", "meanflow"], "--solver meanflow needs a checkpoint trained with --objective meanflow"),
+    Case("S20", "sample", ["--solver", "meanflow"], "--solver meanflow needs a checkpoint trained with a meanflow objective"),
     # fastflow.evaluate
     Case("E1", "evaluate", ["--num-samples", "5"], "--num-samples must be at least 10"),
     Case("E2", "evaluate", ["--nfe", "8,0"], "--nfe must be > 0, got 0"),

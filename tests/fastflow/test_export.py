@@ -12,6 +12,7 @@ runtimes' convolutions summing in different orders.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import numpy as np
@@ -20,11 +21,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from bench.web import fastflow_sample, seeded_noise
-from fastflow.checkpoint import save_checkpoint
+from bench.page import seeded_noise
+from bench.web import fastflow_sample
+from fastflow.checkpoint import load_checkpoint, save_checkpoint
 from fastflow.config import ModelConfig, resolve_configs
 from fastflow.errors import UserError
 from fastflow.export import ExportSpec, build_graph, export_onnx, main, resolve_spec
+from fastflow.solvers import SamplerSpec
 from fastflow.unet import UNet
 
 TOL = 1e-5
@@ -67,10 +70,10 @@ def _assert_agree(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize(
     "cfg, spec, w",
     [
-        (MEANFLOW, ExportSpec("meanflow", 2), None),
-        (FLOW, ExportSpec("euler", 3), None),
+        (MEANFLOW, ExportSpec(SamplerSpec("meanflow", 2)), None),
+        (FLOW, ExportSpec(SamplerSpec("euler", 3)), None),
         # t = 0, 1/3, 2/3: the first step unguided (outside [0.2, 0.7]), the other two guided; AB2's memory too
-        (FLOW, ExportSpec("ab2", 3, guided=True, interval=(0.2, 0.7)), 2.5),
+        (FLOW, ExportSpec(SamplerSpec("ab2", 3, interval=(0.2, 0.7)), guided=True), 2.5),
     ],
     ids=["meanflow-2", "euler-3", "ab2-3-guided"],
 )
@@ -82,11 +85,11 @@ def test_onnxruntime_matches_fastflow_sample(tmp_path, cfg, spec, w):
     assert info["opset"] >= 18
     seed = 5
     got = _onnx_images(path, seeded_noise(len(LABELS), seed), LABELS, w)
-    want = fastflow_sample(model, LABELS, spec.solver, spec.steps, guidance=w or 1.0, interval=spec.interval, seed=seed)
+    want = fastflow_sample(model, LABELS, dataclasses.replace(spec.sampler, guidance=w or 1.0), seed=seed)
     _assert_agree(spec.describe(), got, want)
     if w is not None:  # w is an input, not baked in: another w gives fastflow.sample's images at that w
         got = _onnx_images(path, seeded_noise(len(LABELS), seed), LABELS, 1.5)
-        want = fastflow_sample(model, LABELS, spec.solver, spec.steps, guidance=1.5, interval=spec.interval, seed=seed)
+        want = fastflow_sample(model, LABELS, dataclasses.replace(spec.sampler, guidance=1.5), seed=seed)
         _assert_agree(f"{spec.describe()} at w 1.5", got, want)
 
 
@@ -110,13 +113,13 @@ def test_export_command_meanflow_one_jump(tmp_path, cli):
     for n in (len(LABELS), 1):
         labels = LABELS[:n]
         got = _onnx_images(out, seeded_noise(n, 9), labels)
-        _assert_agree(f"one jump, batch {n}", got, fastflow_sample(ema, labels, "meanflow", 1, seed=9))
+        _assert_agree(f"one jump, batch {n}", got, fastflow_sample(ema, labels, SamplerSpec("meanflow", 1), seed=9))
 
 
 @pytest.mark.parametrize(
     "flags, objective, message",
     [
-        (["--solver", "meanflow"], "flow", "--solver meanflow needs a checkpoint trained with --objective meanflow"),
+        (["--solver", "meanflow"], "flow", "--solver meanflow needs a checkpoint trained with a meanflow objective"),
         (["--solver", "rk4"], "flow", "--solver rk4: not exportable; the exported samplers are euler, ab2, meanflow"),
         (["--steps", "0"], "flow", "--steps must be in 1..100"),
         (["--steps", "101"], "meanflow", "--steps must be in 1..100"),
@@ -145,12 +148,18 @@ def test_guidance_interval_is_checked_by_argparse(capsys):
     assert err.count("\n") == 1 and "need 0 <= LO < HI <= 1" in err
 
 
-def test_resolve_spec_defaults_and_nfe():
-    assert resolve_spec("meanflow") == ExportSpec("meanflow", 1)
-    assert resolve_spec("flow") == ExportSpec("euler", 10)
-    assert resolve_spec("meanflow", "euler", 4).solver == "euler"  # the ODE solvers run on u(x, t, t)
+def test_resolve_spec_defaults_and_nfe(tmp_path):
+    for name, cfg, objective in (("mf", MEANFLOW, "meanflow-distill"), ("flow", FLOW, "flow")):
+        _, tcfg = resolve_configs(
+            "tiny", "cpu", train={"objective": objective, "init_from": "x" * (objective != "flow")}
+        )
+        save_checkpoint(tmp_path / name, _model(cfg, 0), cfg, tcfg, None, None, 1)
+    mf, flow = (load_checkpoint(tmp_path / n, with_state=False) for n in ("mf", "flow"))
+    assert resolve_spec(mf) == ExportSpec(SamplerSpec("meanflow", 1))  # a distilled model too: its U-Net takes s
+    assert resolve_spec(flow) == ExportSpec(SamplerSpec("euler", 10))
+    assert resolve_spec(mf, "euler", 4).sampler.solver == "euler"  # the ODE solvers run on u(x, t, t)
     # guided in [0.2, 0.7] on 10 steps: t = 0.2 .. 0.7 are 6 steps at 2 NFE, the other 4 at 1
-    assert resolve_spec("flow", guided=True).nfe == 16
-    assert resolve_spec("flow", "ab2", 4, guided=True, interval=None).nfe == 8
+    assert resolve_spec(flow, guided=True).nfe == 16
+    assert resolve_spec(flow, "ab2", 4, guided=True, interval=None).nfe == 8
     with pytest.raises(UserError, match="quadratic"):
-        resolve_spec("flow", grid="cubic")
+        resolve_spec(flow, grid="cubic")

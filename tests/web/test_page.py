@@ -26,7 +26,9 @@ import sys
 import pytest
 import torch
 
-from bench.web import Page, browser_missing, fastflow_sample, seeded_noise
+from bench.page import Page, browser_missing, seeded_noise
+from bench.web import fastflow_sample
+from fastflow.solvers import SamplerSpec
 
 REQUIRE = os.environ.get("FASTFLOW_REQUIRE_BROWSER") == "1"
 TRAIN_STEPS = 400  # 300 gave 83-86% here at the same sampler; 400: 95-97% (docs/export.md)
@@ -105,7 +107,7 @@ def test_page_draws_the_asked_digits(page_model, judge, tmp_path, record_propert
         n = 100
         labels = torch.arange(n) % 10
         r = page.generate("all", n, W, noise=seeded_noise(n, 0), raw=True)
-        want = fastflow_sample(model, labels, "euler", STEPS, guidance=W, interval=None, seed=0)
+        want = fastflow_sample(model, labels, SamplerSpec("euler", STEPS, W), seed=0)
         err = (r["images"] - want).abs().max().item()
         print(f"page (onnxruntime-web wasm) vs fastflow.sample: max |diff| {err:.3g}; 100 digits in {r['ms']:.0f} ms")
         record_property("browser_ms_100", r["ms"])
