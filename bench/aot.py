@@ -708,8 +708,8 @@ def write_doc(doc: dict, path: Path) -> None:
 
 Made by `{COMMAND}`
 (how: the docstring of bench/aot.py). `tests/kernels/test_aot.py` compiles everything again and fails on a compile
-error, on a spill other than those it lists as known (the ones below), on a resource past the target's limit, or when
-this table no longer matches what the tool produces.
+error, on any register spill, on a resource past the target's limit, or when this table no longer matches what the
+tool produces.
 
 Triton {doc["triton"]}, ptxas {doc["ptxas"]}. One line per kernel variant the public ops launch: its constexprs, the
 dtypes of its pointers, and Triton's specialisation of its ints (`n:16`: divisible by 16, `m=1`: the constant 1,
