@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.aot import LIMITS, PROBE_MAXNREG, aot_table, label
+from bench.aot import LIMITS, PROBE_MAXNREG, aot_section, aot_table, label, summary_table
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "bench" / "results" / "kernels-aot.json"
@@ -241,6 +241,26 @@ def test_doc_shows_the_committed_table():
     committed = json.loads(COMMITTED.read_text())
     assert aot_table(committed["rows"]) in DOC.read_text()
     assert committed["targets"] == TARGETS and committed["rows"]
+
+
+def test_summary_table_counts_every_committed_row():
+    """docs/results.md's compact table (summary_table): one line per kernel x target whose variant count, register
+    range, most shared memory, warps and spill bytes are those of the committed rows."""
+    committed = json.loads(COMMITTED.read_text())
+    lines = summary_table(committed).splitlines()[2:]
+    assert len(lines) == len({(r["kernel"], r["target"]) for r in committed["rows"]})
+    total = 0
+    for line in lines:
+        name, target, n, regs, smem, warps, spill = (c.strip() for c in line.strip("|").split("|"))
+        mine = [r for r in committed["rows"] if r["kernel"] == "kernels." + name.strip("`") and r["target"] == target]
+        lo, hi = min(r["registers"] for r in mine), max(r["registers"] for r in mine)
+        assert int(n) == len(mine) and regs == (str(lo) if lo == hi else f"{lo}–{hi}"), line
+        assert int(smem) == max(r["shared_bytes"] for r in mine), line
+        assert warps == ", ".join(str(w) for w in sorted({r["num_warps"] for r in mine})), line
+        assert int(spill) == sum(r["spill_stores_bytes"] + r["spill_loads_bytes"] for r in mine) == 0, line
+        total += int(n)
+    assert total == len(committed["rows"])
+    assert summary_table(committed) in aot_section(COMMITTED.parent)
 
 
 @pytest.mark.cuda
