@@ -219,7 +219,7 @@ def glance_table(results: Path = RESULTS) -> str:
 def _programs() -> list[tuple[str, argparse.ArgumentParser]]:
     from fastflow import evaluate, sample, train
 
-    from . import grid, kernels, recipe
+    from . import aot, grid, kernels, recipe, roofline
 
     return [
         ("python -m fastflow.train", train.build_parser()),
@@ -228,6 +228,8 @@ def _programs() -> list[tuple[str, argparse.ArgumentParser]]:
         ("python -m bench train | sample", grid.build_parser("train")),
         ("python -m bench kernels", kernels.build_parser()),
         ("python -m bench recipe", recipe.build_parser()),
+        ("python -m bench aot", aot.build_parser()),
+        ("python -m bench roofline", roofline.build_parser()),
         ("python -m bench report", build_parser()),
     ]
 

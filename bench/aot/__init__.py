@@ -96,8 +96,8 @@ def _real_kernels() -> None:
 
 
 def build_parser():
-    """The parser of ``python -m bench aot`` (:class:`cli.AotSettings`)."""
-    _real_kernels()
+    """The parser of ``python -m bench aot`` (:class:`cli.AotSettings`). Leaves ``TRITON_INTERPRET`` alone (docs/cli.md
+    is made in processes that run the kernels in Triton's interpreter)."""
     from .cli import build_parser
 
     return build_parser()
