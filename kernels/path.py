@@ -24,8 +24,8 @@ __all__ = ["flow_path"]
 # 64-bit addresses) ptxas 12.9 (Triton 3.8) then held the sm_90 binary at 56 registers and spilled (24 B stored,
 # 28 B loaded), and the sm_90 reverse case took 69 registers. 8 warps (4 elements per thread, the same BLOCK and grid)
 # give both tensors one layout: no shared memory, at most 32 registers per thread on sm_80 and sm_90, no spill
-# (`python -m bench aot`, docs/kernels-aot.md). Same-width launches, the common fp32 path among them, keep
-# NUM_WARPS and their binaries: 4 warps there need no conversion and 32 registers is already their figure.
+# (`python -m bench aot`, docs/kernels-aot.md). Same-width launches keep NUM_WARPS and their binaries: 4 warps need
+# no conversion there, and the common fp32 path (MNIST shapes) stays at 32 registers on both targets.
 MIXED_WIDTH_WARPS = 2 * NUM_WARPS
 
 
