@@ -175,7 +175,37 @@ def kernels_section(results: Path) -> str:
     return "\n".join(out)
 
 
-SECTIONS: list[Callable[[Path], str]] = [recipe_section, quality_section, speed_section, kernels_section]
+def aot_section(results: Path) -> str:
+    from .aot import aot_section as section
+
+    return section(results)
+
+
+def roofline_section(results: Path) -> str:
+    from .roofline import roofline_section as section
+
+    return section(results)
+
+
+def web_section(results: Path) -> str:
+    from .web import markdown_table
+
+    files = _files("web-*.json", results)
+    out = [
+        "## The web page",
+        "",
+        "`python -m bench web`: the exported sampler's time for the same digits in the demo page (onnxruntime-web, "
+        "wasm, one thread, headless Chromium), in onnxruntime's Python CPU runtime and in `fastflow.sample`, in "
+        "interleaved rounds (docs/export.md).",
+    ]
+    for name, d in files:
+        out += ["", f"`{name}`:", "", markdown_table([d])]
+    return "\n".join(out)
+
+
+SECTIONS: list[Callable[[Path], str]] = [
+    recipe_section, quality_section, speed_section, roofline_section, kernels_section, aot_section, web_section,
+]  # fmt: skip
 
 
 def results_md(results: Path = RESULTS) -> str:
@@ -219,7 +249,7 @@ def glance_table(results: Path = RESULTS) -> str:
 def _programs() -> list[tuple[str, argparse.ArgumentParser]]:
     from fastflow import evaluate, export, sample, train
 
-    from . import grid, kernels, recipe, web
+    from . import aot, grid, kernels, recipe, roofline, web
 
     return [
         ("python -m fastflow.train", train.build_parser()),
@@ -230,6 +260,8 @@ def _programs() -> list[tuple[str, argparse.ArgumentParser]]:
         ("python -m bench kernels", kernels.build_parser()),
         ("python -m bench recipe", recipe.build_parser()),
         ("python -m bench web", web.build_parser()),
+        ("python -m bench aot", aot.build_parser()),
+        ("python -m bench roofline", roofline.build_parser()),
         ("python -m bench report", build_parser()),
     ]
 

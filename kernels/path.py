@@ -18,6 +18,16 @@ from ._launch import BLOCK, NUM_WARPS, device_guard, flat
 
 __all__ = ["flow_path"]
 
+# The backward's warps when dz and deps differ in width (z fp32 with eps bf16/fp16, or the reverse). With 4 warps
+# (8 elements per thread per tensor) Triton gives the 32-bit and the 16-bit tensor different register layouts and
+# converts between them through 4 KiB of shared memory; on an odd shape (no int divisible by 16: scalar loads,
+# 64-bit addresses) ptxas 12.9 (Triton 3.8) then held the sm_90 binary at 56 registers and spilled (24 B stored,
+# 28 B loaded), and the sm_90 reverse case took 69 registers. 8 warps (4 elements per thread, the same BLOCK and grid)
+# give both tensors one layout: no shared memory, at most 32 registers per thread on sm_80 and sm_90, no spill
+# (`python -m bench aot`, docs/kernels-aot.md). Same-width launches keep NUM_WARPS and their binaries: 4 warps need
+# no conversion there, and the common fp32 path (MNIST shapes) stays at 32 registers on both targets.
+MIXED_WIDTH_WARPS = 2 * NUM_WARPS
+
 
 @triton.jit
 def _flow_path_fwd_kernel(
@@ -118,6 +128,7 @@ def _flow_path_backward_op(
     dz = torch.empty(gx.shape, dtype=dz_dtype, device=gx.device)
     deps = torch.empty(gx.shape if need_deps else (0,), dtype=deps_dtype, device=gx.device)
     n = gx.numel()
+    mixed = need_deps and deps.element_size() != dz.element_size()
     if n:
         with device_guard(gx.device):
             wrap_triton(_flow_path_bwd_kernel)[(triton.cdiv(n, BLOCK),)](
@@ -131,7 +142,7 @@ def _flow_path_backward_op(
                 HAS_GU=has_gu,
                 WRITE_DEPS=need_deps,
                 BLOCK=BLOCK,
-                num_warps=NUM_WARPS,
+                num_warps=MIXED_WIDTH_WARPS if mixed else NUM_WARPS,
             )
     return [dz, deps] if need_deps else [dz]
 
