@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CUDA path of fastflow in one run of about 9 minutes on one GPU (planned for one H200), the most valuable
+# Every CUDA path of fastflow in one run of about 11 minutes on one GPU (planned for one H200), the most valuable
 # answers first:
 #
 #   1. native Triton kernels vs the reference: tests/kernels with TRITON_INTERPRET=0 (and its `cuda` tests);
@@ -8,7 +8,11 @@
 #      compile-bf16; batches $BATCHES (32,128);
 #   4. sampling rows at 10, 20, 50 NFE, the same modes (no seed-baseline) and batches;
 #   5. kernel bandwidth: each op's GB/s, Triton vs the eager reference, then vs the compiled reference;
-#   6. if time is left: train rows at $MORE_BATCHES (256,512).
+#   6. the AOT compile check against the driver: every kernel variant's registers and spills as compiled without
+#      a GPU (bench/results/kernels-aot.json) against what the driver reports when it loads the same binary;
+#   7. the roofline of the rows measured in stages 3 and 4: measured ÷ bound, and the time per launch and per
+#      kernel the measurement implies;
+#   8. if time is left: train rows at $MORE_BATCHES (256,512).
 #
 # Time: each stage has a budget and a scheduled end (the sum of the budgets so far), so a quick stage hands its
 # unused seconds to the next and a slow one never eats a later stage's share. At its end a stage gets SIGINT:
@@ -31,7 +35,7 @@
 #   --dry-run   print the stages, their order, budgets and commands; check with $PY that every module they need
 #               imports and that pytest collects the tests they run; exit 0, or 1 with a one-line reason (no GPU
 #               needed).
-# Environment: PY, BUDGET (seconds for the whole script, default 570), BATCHES (default 32,128), MORE_BATCHES (default 256,512), OUT;
+# Environment: PY, BUDGET (seconds for the whole script, default 670), BATCHES (default 32,128), MORE_BATCHES (default 256,512), OUT;
 #   DEVICE=cpu PRESET=tiny BUDGET=150 rehearse the script itself on a CPU (its figures mean nothing there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +50,7 @@ case "${1:-}" in
   ;;
 esac
 PY=${PY:-python3}
-BUDGET=${BUDGET:-570}
+BUDGET=${BUDGET:-670}
 BATCHES=${BATCHES:-32,128}
 MORE_BATCHES=${MORE_BATCHES:-256,512}
 DEVICE=${DEVICE:-cuda}
@@ -67,7 +71,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 required = {
     "torch": "everything", "triton": "the Triton kernels", "numpy": "fastflow.data", "pytest": "stages 1 and 2",
     "kernels": "the ops", "fastflow": "the library", "fastflow.solvers": "sampling", "fastflow.compile": "compile",
-    "bench.grid": "stages 3, 4, 6", "bench.kernels": "stage 5",
+    "bench.grid": "stages 3, 4, 8", "bench.kernels": "stage 5", "bench.aot": "stage 6", "bench.roofline": "stage 7",
 }
 optional = {
     "hypothesis": "tests/kernels/test_kernel_properties.py is left out",
@@ -135,8 +139,12 @@ plan() {
     "${BENCH[*]} kernels --device $DEVICE --min-log2 24 --max-log2 24 --batch 128 --providers triton,reference-eager --out \$W"
   stage "5b. kernel GB/s: the compiled reference" 20 \
     "${BENCH[*]} kernels --device $DEVICE --min-log2 24 --max-log2 24 --batch 128 --providers reference-compiled --tag compiled --out \$W"
-  local rest=$((BUDGET - 30 - 110 - 120 - 170 - 70 - 30 - 20))
-  stage "6. if time is left: train rows at batches $MORE_BATCHES" $((rest > 0 ? rest : 0)) \
+  stage "6. AOT registers and spills against the driver's (bench aot --check-gpu)" 60 \
+    "${BENCH[*]} aot --check-gpu --out \$W/kernels-aot-gpu.json"
+  stage "7. the roofline of the measured rows: measured / bound" 40 \
+    "${BENCH[*]} roofline --device cuda --no-inductor-count --measured \$W/train-*.json \$W/sample-*.json --out \$W/roofline-measured.json"
+  local rest=$((BUDGET - 30 - 110 - 120 - 170 - 70 - 30 - 20 - 60 - 40))
+  stage "8. if time is left: train rows at batches $MORE_BATCHES" $((rest > 0 ? rest : 0)) \
     "${BENCH[*]} train ${ROWS[*]} --data auto --batch-sizes $MORE_BATCHES --modes compile-bf16-cudagraphs,eager-bf16,compile-bf16,eager-fp32 --warmup 3 --iters 10 --repeats 5 --append --out \$W"
 }
 plan

@@ -238,9 +238,47 @@ def glance_table(results: Path = RESULTS) -> str:
             what = f"{_setting(best)}, {best['nfe']} NFE"
             rows.append([f"quality vs NFE, `{name}`", f"best FID at ≤ 10 NFE: {_pct(best['accuracy'])}, "
                          f"{best['fid'] / d['floor']['fid']:.2f}× the floor ({what})", _machine([d])])  # fmt: skip
-    gpu = [n for n, _ in _files("train-cuda-*.json", results)]
-    rows.append(["GPU", f"measured: {', '.join(gpu)}" if gpu else "**not run on a GPU**", ""])
+    rows += _gpu_rows(results)
+    for name, d in _files("web-*.json", results):
+        page = next((r for r in d["rows"] if r["runtime"].startswith("browser")), None)
+        torch_1 = next((r for r in d["rows"] if "fastflow.sample" in r["runtime"] and "1 thread" in r["runtime"]), None)
+        if page and torch_1:
+            rows.append([f"the web page, `{name}`", f"{d['count']} digits ({d['sampler']}) in {page['median_ms']:.0f} ms "
+                         f"in headless Chromium, {torch_1['median_ms']:.0f} ms in `fastflow.sample` (1 thread)",
+                         f"{d['cpu']}, {d['isa']}"])  # fmt: skip
     return _table(["what", "result", "machine"], rows, "lll")
+
+
+def _gpu_rows(results: Path) -> list[list[str]]:
+    """The default CUDA run (the original U-Net, batch 32, bf16) per roofline file: the bound in each mode and its
+    time per epoch, the largest batch that fits; and what the GPU measured, against its bound."""
+    out = []
+    for name, d in _files("roofline-*.json", results):
+        rs = [
+            r
+            for r in d["rows"]
+            if r.get("kind") == "train" and r.get("preset") == "original" and r.get("amp") == "bf16"
+        ]
+        if not rs or d.get("device") == "cpu":
+            continue
+        if name.endswith("-measured.json"):
+            got = [(m["mode"], m["images_per_s"], m["ratio"]) for r in rs for m in r.get("measured", [])]
+            text = "; ".join(f"{mode} {ips:.0f} img/s ({ratio:.2f} of its bound)" for mode, ips, ratio in got)
+            out.append([f"train step measured on a GPU, `{name}`", text, rs[0]["measured"][0]["device_name"]])
+            continue
+        at32 = {r["mode"]: r for r in rs if r["batch"] == 32 and not r.get("largest_fit")}
+        modes = [m for m in ("eager", "compile", "cudagraphs") if m in at32]
+        text = ", ".join(f"{m} {at32[m]['bound_images_per_s']:,.0f} img/s ({10 * at32[m]['epoch_s']:.0f} s for 10 "
+                         f"epochs)" for m in modes)  # fmt: skip
+        big = [r for r in rs if r.get("largest_fit")]
+        if big:
+            top = max(big, key=lambda r: r["bound_images_per_s"])
+            text += f"; largest batch that fits, {top['batch']}: {top['bound_images_per_s']:,.0f} img/s"
+        out.append([f"**prediction, not run on this GPU**: the default CUDA run (batch 32, bf16), `{name}`", text,
+                    rs[0]["device_name"]])  # fmt: skip
+    if not out:
+        out.append(["GPU", "**not run on a GPU**", ""])
+    return out
 
 
 # -- docs/cli.md ------------------------------------------------------------------------------------------------

@@ -275,7 +275,7 @@ def resolve_spec(
         raise UserError(f"--steps must be in 1..{MAX_STEPS} (the loop is unrolled into the graph), got {steps}")
     if grid not in GRIDS:
         raise UserError(f"--grid {grid}: choose one of {', '.join(GRIDS)}")
-    spec = ExportSpec(SamplerSpec(solver, steps, grid=grid, interval=interval), guided)
+    spec = ExportSpec(SamplerSpec(solver, steps, grid=grid, interval=interval if guided else None), guided)
     if guided and not any(spec.guided_steps):
         raise UserError(
             f"--guided: no step of this {steps}-step grid starts inside --guidance-interval "

@@ -63,7 +63,16 @@ TINY: dict[str, list[str] | None] = {
         "--out",
         "{tmp}/bench",
     ],  # fmt: skip
-    "python -m bench roofline": ["--preset", "tiny", "--batch-sizes", "2", "--out", "{tmp}/bench"],
+    "python -m bench roofline": [
+        "--preset",
+        "tiny",
+        "--batch-sizes",
+        "2",
+        "--no-inductor-count",
+        "--no-max-batch",
+        "--out",
+        "{tmp}/bench",
+    ],
     "python -m bench report": ["--check"],
     "torchrun": [
         "--preset",

@@ -59,7 +59,7 @@ class RooflineSettings:
     )  # fmt: skip
     out: str = setting(
         "",
-        "rows as JSON",
+        "rows as JSON (a folder: the default name in it)",
         metavar="FILE.json",
         shown="bench/results/roofline-<device>.json; with --measured -measured.json",
     )
@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("\n".join(step_lines(payload["default_step"])))
     slug = device if gpu else f"cpu-{probe['isa'].lower()}"
-    out = Path(args.out) if args.out else RESULTS / f"roofline-{slug}{'-measured' if measured else ''}.json"
+    out = Path(args.out or RESULTS)
+    if out.is_dir():
+        out = out / f"roofline-{slug}{'-measured' if measured else ''}.json"
     payload["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     atomic_write_json(out, payload)
     print(f"\nrows: {out}")

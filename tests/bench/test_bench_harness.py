@@ -230,7 +230,7 @@ def test_gpu_check_dry_run(cli_env):
     p = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     out = p.stdout
-    order = [out.index(f"  {n}.") for n in ("1", "2", "3", "4", "5a", "5b", "6")]
+    order = [out.index(f"  {n}.") for n in ("1", "2", "3", "4", "5a", "5b", "6", "7", "8")]
     assert order == sorted(order)
     assert "ends by  110 s" in out and "ok       train side" in out
     assert "stage 1 collects:" in out and "stage 2 collects:" in out and "cannot import" not in out

@@ -120,7 +120,6 @@ def test_export_command_meanflow_one_jump(tmp_path, cli):
     "flags, objective, message",
     [
         (["--solver", "meanflow"], "flow", "--solver meanflow needs a checkpoint trained with a meanflow objective"),
-        (["--solver", "rk4"], "flow", "--solver rk4: not exportable; the exported samplers are euler, ab2, meanflow"),
         (["--steps", "0"], "flow", "--steps must be in 1..100"),
         (["--steps", "101"], "meanflow", "--steps must be in 1..100"),
         (["--guided"], "meanflow", "--guided: no step of this 1-step grid starts inside --guidance-interval 0.2,0.7"),
@@ -140,12 +139,19 @@ def test_refusals_are_one_line(tmp_path, capsys, flags, objective, message):
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_guidance_interval_is_checked_by_argparse(capsys):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--guided", "--guidance-interval", "0.7,0.2"], "need 0 <= LO < HI <= 1"),
+        (["--solver", "rk4"], "argument --solver: invalid choice: 'rk4' (choose from 'euler', 'ab2', 'meanflow')"),
+    ],
+)
+def test_flags_are_checked_by_argparse(capsys, flags, message):
     with pytest.raises(SystemExit) as e:
-        main(["--guided", "--guidance-interval", "0.7,0.2"])
+        main(flags)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "need 0 <= LO < HI <= 1" in err
+    assert err.count("\n") == 1 and message in err, err
 
 
 def test_resolve_spec_defaults_and_nfe(tmp_path):
@@ -163,3 +169,5 @@ def test_resolve_spec_defaults_and_nfe(tmp_path):
     assert resolve_spec(flow, "ab2", 4, guided=True, interval=None).nfe == 8
     with pytest.raises(UserError, match="quadratic"):
         resolve_spec(flow, grid="cubic")
+    with pytest.raises(UserError, match="rk4: not exportable; the exported samplers are euler, ab2, meanflow"):
+        resolve_spec(flow, "rk4")
