@@ -3,6 +3,7 @@
 - ``docs/results.md``: every table, from ``bench/results/*.json`` (each row names the machine and the vector ISA, or
   the GPU, it was measured on);
 - the README's "at a glance" table (between ``<!-- glance -->`` markers), from the same files;
+- docs/cpu_recipe.md's screening table (between ``<!-- screen -->`` markers), from ``recipe-*-avx2.json``;
 - ``docs/cli.md``: every flag of every program, from the programs' own parsers.
 
 A new measurement is a new result file and this command, never a number typed into a document:
@@ -12,7 +13,6 @@ what the command writes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Callable
@@ -23,9 +23,10 @@ from fastflow.io import atomic_write_text
 
 from .harness import RESULTS, ROOT
 
-__all__ = ["results_md", "glance_table", "cli_md", "documents", "main"]
+__all__ = ["results_md", "documents", "main"]
 
 GLANCE = ("<!-- glance: made by python -m bench report -->", "<!-- /glance -->")
+SCREEN = ("<!-- screen: made by python -m bench report -->", "<!-- /screen -->")
 
 
 def _load(name: str, results: Path) -> dict | None:
@@ -220,125 +221,23 @@ def results_md(results: Path = RESULTS) -> str:
     return "\n\n".join(["\n".join(head), *(section(results) for section in SECTIONS)]) + "\n"
 
 
-# -- the README's table ---------------------------------------------------------------------------------------
-
-
-def glance_table(results: Path = RESULTS) -> str:
-    rows = []
-    for name, d in _files("recipe-*.json", results):
-        rs = d["rows"]
-        acc = sum(r["accuracy"] for r in rs) / len(rs)
-        ips = sum(r["images_per_s"] for r in rs) / len(rs)
-        secs = max(r["command_s"] for r in rs)
-        rows.append([f"`make train`, {name[len('recipe-'):-len('.json')]}", f"{_pct(acc)} of digits right (mean of "
-                     f"{len(rs)} seeds), {ips:.0f} train img/s, ≤ {secs:.0f} s", _machine(rs)])  # fmt: skip
-    for name, d in _files("quality-*.json", results):
-        best = d.get("summary", {}).get("best_fid_nfe_le_10")
-        if best:
-            what = f"{_setting(best)}, {best['nfe']} NFE"
-            rows.append([f"quality vs NFE, `{name}`", f"best FID at ≤ 10 NFE: {_pct(best['accuracy'])}, "
-                         f"{best['fid'] / d['floor']['fid']:.2f}× the floor ({what})", _machine([d])])  # fmt: skip
-    rows += _gpu_rows(results)
-    for name, d in _files("web-*.json", results):
-        page = next((r for r in d["rows"] if r["runtime"].startswith("browser")), None)
-        torch_1 = next((r for r in d["rows"] if "fastflow.sample" in r["runtime"] and "1 thread" in r["runtime"]), None)
-        if page and torch_1:
-            rows.append([f"the web page, `{name}`", f"{d['count']} digits ({d['sampler']}) in {page['median_ms']:.0f} ms "
-                         f"in headless Chromium, {torch_1['median_ms']:.0f} ms in `fastflow.sample` (1 thread)",
-                         f"{d['cpu']}, {d['isa']}"])  # fmt: skip
-    return _table(["what", "result", "machine"], rows, "lll")
-
-
-def _gpu_rows(results: Path) -> list[list[str]]:
-    """The default CUDA run (the original U-Net, batch 32, bf16) per roofline file: the bound in each mode and its
-    time per epoch, the largest batch that fits; and what the GPU measured, against its bound."""
-    out = []
-    for name, d in _files("roofline-*.json", results):
-        rs = [
-            r
-            for r in d["rows"]
-            if r.get("kind") == "train" and r.get("preset") == "original" and r.get("amp") == "bf16"
-        ]
-        if not rs or d.get("device") == "cpu":
-            continue
-        if name.endswith("-measured.json"):
-            got = [(m["mode"], m["images_per_s"], m["ratio"]) for r in rs for m in r.get("measured", [])]
-            text = "; ".join(f"{mode} {ips:.0f} img/s ({ratio:.2f} of its bound)" for mode, ips, ratio in got)
-            out.append([f"train step measured on a GPU, `{name}`", text, rs[0]["measured"][0]["device_name"]])
-            continue
-        at32 = {r["mode"]: r for r in rs if r["batch"] == 32 and not r.get("largest_fit")}
-        modes = [m for m in ("eager", "compile", "cudagraphs") if m in at32]
-        text = ", ".join(f"{m} {at32[m]['bound_images_per_s']:,.0f} img/s ({10 * at32[m]['epoch_s']:.0f} s for 10 "
-                         f"epochs)" for m in modes)  # fmt: skip
-        big = [r for r in rs if r.get("largest_fit")]
-        if big:
-            top = max(big, key=lambda r: r["bound_images_per_s"])
-            text += f"; largest batch that fits, {top['batch']}: {top['bound_images_per_s']:,.0f} img/s"
-        out.append([f"**prediction, not run on this GPU**: the default CUDA run (batch 32, bf16), `{name}`", text,
-                    rs[0]["device_name"]])  # fmt: skip
-    if not out:
-        out.append(["GPU", "**not run on a GPU**", ""])
-    return out
-
-
-# -- docs/cli.md ------------------------------------------------------------------------------------------------
-
-
-def _programs() -> list[tuple[str, argparse.ArgumentParser]]:
-    from fastflow import evaluate, export, sample, train
-
-    from . import aot, grid, kernels, recipe, roofline, web
-
-    return [
-        ("python -m fastflow.train", train.build_parser()),
-        ("python -m fastflow.sample", sample.build_parser()),
-        ("python -m fastflow.evaluate", evaluate.build_parser()),
-        ("python -m fastflow.export", export.build_parser()),
-        ("python -m bench train | sample", grid.build_parser("train")),
-        ("python -m bench kernels", kernels.build_parser()),
-        ("python -m bench recipe", recipe.build_parser()),
-        ("python -m bench web", web.build_parser()),
-        ("python -m bench aot", aot.build_parser()),
-        ("python -m bench roofline", roofline.build_parser()),
-        ("python -m bench report", build_parser()),
-    ]
-
-
-def _flag_cell(a: argparse.Action) -> str:
-    names = ", ".join(f"`{s}`" for s in a.option_strings)
-    if a.nargs == 0:
-        return names
-    value = "{" + ",".join(map(str, a.choices)) + "}" if a.choices else (a.metavar or a.dest.upper())
-    return f"{names} {value}".replace("|", "\\|")
-
-
-def cli_md() -> str:
-    out = [
-        "# Command-line reference",
-        "",
-        "Made by `python -m bench report` from the programs' own parsers (each flag is a field of a settings "
-        "dataclass: fastflow/settings.py). `--help` prints the same.",
-    ]
-    for prog, parser in _programs():
-        out += ["", f"## `{prog}`", "", parser.description or ""]
-        for group in parser._action_groups:
-            actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
-            if not actions:
-                continue
-            body = [[_flag_cell(a), (a.help or "").replace("|", "\\|")] for a in actions]
-            out += ["", f"**{group.title}**", "", _table(["flag", "what (default)"], body, "ll")]
-    return "\n".join(out) + "\n"
+def _fill(path: Path, markers: tuple[str, str], block: str) -> str:
+    """``path``'s text with ``block`` between its two marker lines."""
+    text = path.read_text()
+    start, end = text.index(markers[0]), text.index(markers[1])
+    return text[: start + len(markers[0])] + "\n\n" + block + "\n\n" + text[end:]
 
 
 def documents(results: Path = RESULTS, root: Path = ROOT) -> dict[Path, str]:
-    """Each generated document's path and the text it should have (the README: with its glance table)."""
-    readme = (root / "README.md").read_text()
-    start, end = readme.index(GLANCE[0]), readme.index(GLANCE[1])
-    readme = readme[: start + len(GLANCE[0])] + "\n\n" + glance_table(results) + "\n\n" + readme[end:]
+    """Each generated document's path and the text it should have (the README and docs/cpu_recipe.md: with their
+    tables between markers)."""
+    from . import cli_doc, glance
+
     return {
         root / "docs" / "results.md": results_md(results),
-        root / "docs" / "cli.md": cli_md(),
-        root / "README.md": readme,
+        root / "docs" / "cli.md": cli_doc.cli_md(),
+        root / "README.md": _fill(root / "README.md", GLANCE, glance.glance_table(results)),
+        root / "docs" / "cpu_recipe.md": _fill(root / "docs" / "cpu_recipe.md", SCREEN, glance.screen_table(results)),
     }
 
 

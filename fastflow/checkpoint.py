@@ -356,25 +356,19 @@ def _check_fits(d: Path, cfg: ModelConfig, parts: dict[str, dict[str, torch.Tens
         raise UserError(f"checkpoint {d}: {name} weights do not match its config.json ({what})")
 
 
-_BOOLS = ("mean_flow",)  # the ModelConfig fields that are switches
-_CHOICES = ("upsample",)  # ... that name a choice; every other one but channels is an int > 0
+_BOOLS = ("mean_flow",)  # the ModelConfig fields that are switches; every other one but channels is an int > 0
 
 
 def _check_model_cfg(path: Path, cfg: ModelConfig) -> None:
-    skip = ("channels", *_BOOLS, *_CHOICES)
+    skip = ("channels", *_BOOLS)
     ints = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in skip}
     bad = [k for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0]
     bad += [k for k in _BOOLS if not isinstance(getattr(cfg, k), bool)]
-    bad += [k for k in _CHOICES if getattr(cfg, k) not in _field_choices(k)]
     ch = cfg.channels
     if not ch or len(ch) > 3 or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in ch):
         bad.append("channels")
     if bad:
         raise UserError(f"{path}: invalid model config ({', '.join(f'{k}={getattr(cfg, k)!r}' for k in bad)})")
-
-
-def _field_choices(name: str) -> tuple:
-    return next(f.metadata["choices"] for f in dataclasses.fields(ModelConfig) if f.name == name)
 
 
 def load_checkpoint(directory: str | Path, with_state: bool = True) -> Checkpoint:

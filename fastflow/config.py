@@ -99,13 +99,6 @@ class ModelConfig:
     patch: int = setting(
         1, "space-to-depth stem: the U-Net runs on (28/patch)² pixels of patch² values each (1: off)", check=POSITIVE
     )
-    upsample: str = setting(
-        "conv",
-        "how the up path goes to the finer level: conv = nearest neighbours, then a 3x3 conv at the finer level "
-        "(the original's); project = a 1x1 conv to the finer level's width, then nearest neighbours (1/70 of the "
-        "FLOPs there, and a narrower input to the next block)",
-        choices=("conv", "project"),
-    )
     mean_flow: bool = setting(
         False,
         "MeanFlow's second time input: the gap s − t through the sinusoidal features and its own MLP (last layer "

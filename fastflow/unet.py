@@ -129,10 +129,7 @@ class UNet(nn.Module):
             for _ in range(cfg.blocks_per_level + 1):
                 self.up.append(ResBlock(c + skips.pop(), ch, e, g))
                 c = ch
-            if i > 0 and cfg.upsample == "project":  # 1x1 to the finer width, applied before upsampling
-                self.upsample.append(nn.Conv2d(c, chans[i - 1], 1))
-                c = chans[i - 1]
-            elif i > 0:
+            if i > 0:
                 self.upsample.append(nn.Conv2d(c, c, 3, padding=1))
         self.norm_out = _norm(c, g)
         self.conv_out = nn.Conv2d(c, pixels, 3, padding=1)
@@ -180,9 +177,7 @@ class UNet(nn.Module):
         for j, i in enumerate(reversed(range(len(cfg.channels)))):
             for _ in range(cfg.blocks_per_level + 1):
                 h = next(blocks)(torch.cat([h, hs.pop()], dim=1), emb, plain_norm)
-            if i > 0 and cfg.upsample == "project":  # the 1x1 conv commutes with nearest upsampling: run it first
-                h = F.interpolate(self.upsample[j](h), scale_factor=2.0, mode="nearest")
-            elif i > 0:
+            if i > 0:
                 h = F.interpolate(h, scale_factor=2.0, mode="nearest")  # nearest, as in the original
                 h = self.upsample[j](h)
         h = group_norm_plain(h, self.norm_out) if plain_norm else self.norm_out(h)

@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("report", nargs="+", help="JSON written by python -m fastflow.evaluate --out (several: one figure)")
     p.add_argument("--out", default="plot/quality_vs_nfe.png", help="PNG to write (default: plot/quality_vs_nfe.png)")
     args = p.parse_args(argv)
+    missing = [r for r in args.report if not Path(r).is_file()]
+    if missing:
+        p.error(f"no such report: {', '.join(missing)} (python -m fastflow.evaluate --out writes one)")
     report = merge([json.loads(Path(r).read_text()) for r in args.report])
     print(f"{len(report['results'])} settings -> {draw(report, Path(args.out))}")
     return 0

@@ -17,32 +17,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# a training run of two tiny steps on 64 images
+TRAIN = ["--preset", "tiny", "--time-budget", "0", "--max-steps", "2", "--batch-size", "16", "--subset", "64",
+         "--data-root", "{mnist}", "--device", "cpu"]  # fmt: skip
 # command prefix -> what to append (placeholders: {mnist}, {clf}, {tmp}); None: checked with `make -n` only
 TINY: dict[str, list[str] | None] = {
     "make train": None,  # its recipe is run below, with tiny settings
     "make test": None,  # this very suite: its recipe is checked, not run again
     "python -m fastflow.sample": ["--device", "cpu"],
     "python -m fastflow.evaluate": ["--num-samples", "20", "--data-root", "{mnist}", "--classifier", "{clf}"],
-    "python -m fastflow.train": [
-        "--preset",
-        "tiny",
-        "--time-budget",
-        "0",
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "16",
-        "--subset",
-        "64",
-        "--distill-trajectories",
-        "256",
-        "--data-root",
-        "{mnist}",
-        "--result-dir",
-        "{tmp}/r",
-        "--device",
-        "cpu",
-    ],  # fmt: skip
+    "python -m fastflow.train": [*TRAIN, "--distill-trajectories", "256", "--result-dir", "{tmp}/r"],
     "python -m fastflow.export": [],
     "python -m bench train": [
         "--device",
@@ -74,26 +58,7 @@ TINY: dict[str, list[str] | None] = {
         "{tmp}/bench",
     ],
     "python -m bench report": ["--check"],
-    "torchrun": [
-        "--preset",
-        "tiny",
-        "--time-budget",
-        "0",
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "16",
-        "--subset",
-        "64",
-        "--data-root",
-        "{mnist}",
-        "--model-dir",
-        "{tmp}/ddp",
-        "--result-dir",
-        "{tmp}/ddp-r",
-        "--device",
-        "cpu",
-    ],  # fmt: skip
+    "torchrun": [*TRAIN, "--model-dir", "{tmp}/ddp", "--result-dir", "{tmp}/ddp-r"],
 }
 
 

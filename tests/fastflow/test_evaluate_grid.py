@@ -309,3 +309,11 @@ def test_quality_plot_merges_reports_of_two_models_and_refuses_what_does_not_com
     with pytest.raises(SystemExit, match="report 1 and report 2"):
         quality.merge([flow, report([row("euler", 8)])])
     assert quality.draw(merged, tmp_path / "q.png").stat().st_size > 0
+
+
+def test_quality_plot_names_a_missing_report_in_one_line(tmp_path):
+    p = subprocess.run(
+        [sys.executable, str(PLOT), str(tmp_path / "nothing.json")], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("quality.py: error: no such report:")
+    assert "Traceback" not in p.stderr
