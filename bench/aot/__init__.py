@@ -81,7 +81,6 @@ __all__ = [
     "write_doc",
     "label",
     "problems",
-    "check_gpu",
     "build_parser",
     "main",
 ]
@@ -101,13 +100,6 @@ def build_parser():
     from .cli import build_parser
 
     return build_parser()
-
-
-def check_gpu(rows: list[dict], mode: str = "default") -> list[str]:
-    """:func:`gpu.check_gpu` (CUDA only)."""
-    from .gpu import check_gpu
-
-    return check_gpu(rows, mode)
 
 
 def main(argv: list[str] | None = None) -> int:

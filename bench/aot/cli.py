@@ -79,7 +79,7 @@ def run(targets: list[str], mode: str = "default", jobs: int = 1) -> dict:
     t0 = time.perf_counter()
     torch.set_num_threads(1)  # the enumeration's tensor ops are tiny; no thread pool to carry into the fork
     found = find_jit_functions()
-    variants, launches = enumerate_variants(mode)
+    variants, launched = enumerate_variants(mode)
     t1 = time.perf_counter()
     caps = [capability(t) for t in targets]
     rows = compile_all(variants, caps, jobs)
@@ -98,7 +98,7 @@ def run(targets: list[str], mode: str = "default", jobs: int = 1) -> dict:
         "dtypes": mode,
         "shapes": {k: list(s) for k, s in SHAPES.items()},
         "kernels": coverage(variants, found),
-        "launches_recorded": len(launches),
+        "launches_recorded": launched,
         "timing": {
             "enumerate_s": round(t1 - t0, 2),
             "compile_s": round(t2 - t1, 2),

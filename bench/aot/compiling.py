@@ -100,12 +100,12 @@ def _res_usage(cubin: str, name: str) -> dict:
     return dict(zip(("registers", "stack", "static_shared", "local"), map(int, m.groups())))
 
 
-def _compile(v: Variant, cap: int) -> dict:
-    """Compile one variant for ``cap`` down to a cubin; the row of figures, or of its error."""
+def _compile(v: Variant, cap: int, **extra) -> dict:
+    """Compile one variant for ``cap`` down to a cubin; the row of figures, or of its error. ``extra``: launch
+    options on top of the variant's own (the spill probe's ``maxnreg``), also recorded in the row."""
     target = gpu_target(cap)
-    options, signature, constexprs, attrs = bind(v.fn, v.args, v.kwargs, target)
-    row = describe(v, signature, constexprs, attrs)
-    row["target"] = f"sm_{cap}"
+    options, signature, constexprs, attrs = bind(v.fn, v.args, {**v.kwargs, **extra}, target)
+    row = {**describe(v, signature, constexprs, attrs), "target": f"sm_{cap}", **extra}
     try:
         row.update(_figures(v.fn, target, options, signature, constexprs, attrs))
     except Exception as e:  # a compile error is a result: reported in the row, and the run fails
@@ -207,15 +207,7 @@ def spill_probe(variants: list[Variant], cap: int) -> dict:
     """The widest variant of ``_flow_path_fwd_kernel`` (u stored, fp32, no int divisible by 16: 54 registers on
     sm_80 and sm_90 with Triton 3.8) compiled through the same path with ``maxnreg`` = 24, which makes ptxas spill:
     the figures must show it, or every zero in the table means nothing."""
-    v = probe_variant(variants)
-    target = gpu_target(cap)
-    options, signature, constexprs, attrs = bind(v.fn, v.args, {**v.kwargs, "maxnreg": PROBE_MAXNREG}, target)
-    row = {**describe(v, signature, constexprs, attrs), "target": f"sm_{cap}", "maxnreg": PROBE_MAXNREG}
-    try:
-        row.update(_figures(v.fn, target, options, signature, constexprs, attrs))
-    except Exception as e:
-        row["error"] = f"{type(e).__name__}: {e}"
-    return row
+    return _compile(probe_variant(variants), cap, maxnreg=PROBE_MAXNREG)
 
 
 def probe_variant(variants: list[Variant]) -> Variant:

@@ -50,10 +50,12 @@ def aot_table(rows: list[dict]) -> str:
     """Markdown: one line per kernel × constexprs × dtypes × specialisation, per target its registers and spill
     stores/loads in bytes, then shared memory in bytes and warps (one value, or one per target where they
     differ). A target whose compile failed shows ``error``."""
+    from ..report import _table  # not at the top: importing bench.report imports kernels (see __init__)
+
     targets = sorted({r["target"] for r in rows}, key=capability)
     head = ["kernel", "constexprs", "dtypes", "specialisation"]
     head += [f"regs {t}" for t in targets] + [f"spill st/ld B {t}" for t in targets] + ["smem B", "warps"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 4 else "--:" for i in range(len(head))) + "|"]
+    body = []
     cells: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         cells.setdefault(variant_id(r), {})[r["target"]] = r
@@ -72,8 +74,8 @@ def aot_table(rows: list[dict]) -> str:
             warps.append(str(r["num_warps"]))
         one = [(" / ".join(x) if len(set(x)) > 1 else (x[0] if x else "–")) for x in (smem, warps)]
         name = vid[0].removeprefix("kernels.")
-        lines.append("| " + " | ".join([f"`{name}`", *vid[1:], *regs, *spills, *one]) + " |")
-    return "\n".join(lines)
+        body.append([f"`{name}`", *vid[1:], *regs, *spills, *one])
+    return _table(head, body, "llll" + "r" * (len(head) - 4))
 
 
 def summary_lines(doc: dict) -> str:
@@ -109,11 +111,13 @@ def summary_table(doc: dict) -> str:
     """Markdown, one line per kernel × target: the variants compiled, registers per thread (min–max), the most
     dynamic shared memory in bytes, the warps per program, and the spill bytes (stores + loads, all variants);
     compile errors counted where there are any. The compact form of :func:`aot_table` (docs/results.md)."""
+    from ..report import _table
+
     targets = sorted({r["target"] for r in doc["rows"]}, key=capability)
     kernels = list(dict.fromkeys(r["kernel"] for r in doc["rows"]))
     errors = any("error" in r for r in doc["rows"])
     head = ["kernel", "target", "variants", "registers", "smem B (max)", "warps", "spill B"] + ["errors"] * errors
-    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "--:|" * (len(head) - 2)]
+    body = []
     for k in kernels:
         for t in targets:
             mine = [r for r in doc["rows"] if r["kernel"] == k and r["target"] == t]
@@ -131,8 +135,8 @@ def summary_table(doc: dict) -> str:
             else:
                 cells += ["–"] * 4
             cells += [str(len(mine) - len(ok))] * errors
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            body.append(cells)
+    return _table(head, body, "ll" + "r" * (len(head) - 2))
 
 
 def aot_section(results: Path) -> str:

@@ -107,7 +107,6 @@ class Variant:
     fn: object
     args: tuple
     kwargs: dict
-    key: str = ""
     reached_by: set = field(default_factory=set)
     shapes: set = field(default_factory=set)
 
@@ -138,11 +137,11 @@ def bind(fn, args, kwargs, target):
     return fn._pack_args(backend, kwargs, bound_args, specialization, options)
 
 
-def enumerate_variants(mode: str = "default", device: str = "cpu") -> tuple[list[Variant], list[tuple]]:
+def enumerate_variants(mode: str = "default") -> tuple[list[Variant], int]:
     """Every distinct kernel launch the public ops make over :data:`SHAPES` and the dtype cases of ``mode``.
 
     Returns the variants (deduplicated by Triton's own specialisation for sm_90: the binder's output does not
-    depend on the arch) and every recorded launch ``(fn, args, kwargs, label, shape)``."""
+    depend on the arch) and how many launches were recorded."""
     launches_all = []
     variants: dict[str, Variant] = {}
     target = gpu_target(90)
@@ -153,17 +152,17 @@ def enumerate_variants(mode: str = "default", device: str = "cpu") -> tuple[list
                 for shape_name, shape in SHAPES.items():
                     for label, how in calls(op):
                         del launches[:]
-                        run_call(op, how, tensors(op, dts, shape, device, how["req"]))
+                        run_call(op, how, tensors(op, dts, shape, "cpu", how["req"]))
                         for fn, args, kwargs in launches:
                             launches_all.append((fn, args, kwargs, label, shape_name))
     for fn, args, kwargs, label, shape_name in launches_all:
         options, signature, constexprs, attrs = bind(fn, args, kwargs, target)
         key = repr((qualname(fn), sorted(signature.items()), sorted(constexprs.items()), sorted(attrs.items())))
         key += options.hash()
-        v = variants.setdefault(key, Variant(fn, args, kwargs, key))
+        v = variants.setdefault(key, Variant(fn, args, kwargs))
         v.reached_by.add(label)
         v.shapes.add(shape_name)
-    return list(variants.values()), launches_all
+    return list(variants.values()), len(launches_all)
 
 
 def describe(v: Variant, signature: dict, constexprs: dict, attrs: dict) -> dict:
