@@ -53,9 +53,10 @@ def run_bench(n_log2: int, batch: int, compiled: bool) -> bool:
     ops = list(kb.OPS)
     t0 = time.perf_counter()
     rows = kb.run(ops, providers, [n_batch, n_big], torch.float32, device)
-    from bench.harness import RESULTS, machine, slug
+    from bench.harness import RESULTS, slug
+    from fastflow.device import device_name
 
-    name = machine(device)["device_name"]
+    name = device_name(device)
     path = kb.write(rows, RESULTS, slug(device, "check"))
     print(f"bench: {len(rows)} rows in {time.perf_counter() - t0:.0f} s -> {path}\n")
 

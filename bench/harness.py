@@ -4,6 +4,7 @@ written atomically through fastflow.io after every row)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -24,8 +25,9 @@ __all__ = [
     "measure",
     "quantile",
     "versions",
-    "isa",
     "machine",
+    "cpu_info",
+    "torch_threads",
     "slug",
     "git_commit",
     "fresh_state",
@@ -134,25 +136,56 @@ def versions() -> dict:
     return {"torch": torch.__version__, "triton": tv, "python": platform.python_version()}
 
 
-def isa() -> str | None:
-    """The vector ISA torch's CPU kernels run with here (:func:`fastflow.device.cpu_isa`)."""
-    from fastflow.device import cpu_isa
-
-    return cpu_isa()
-
-
 def machine(device) -> dict:
     """The device's name, its vector ISA (CPU) or compute capability (CUDA), and the threads in use."""
     import torch
 
-    from fastflow.device import device_name
+    from fastflow.device import cpu_isa, device_name
 
     out = {"device": device.type, "device_name": device_name(device), "threads": torch.get_num_threads()}
     if device.type == "cuda":
         out["cuda_capability"] = "sm_{}{}".format(*torch.cuda.get_device_capability(device))
     else:
-        out["isa"] = isa()
+        out["isa"] = cpu_isa()
     return out
+
+
+def cpu_info() -> dict:
+    """This CPU from /proc/cpuinfo (the first processor's lines): ``model``, ``mhz``, ``flags`` (a set),
+    ``vendor``, ``family``; empty values where the file is missing."""
+    info = {"model": "", "mhz": None, "flags": set(), "vendor": "", "family": None}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        k, v = k.strip(), v.strip()
+        if k == "model name" and not info["model"]:
+            info["model"] = v
+        elif k == "cpu MHz" and info["mhz"] is None:
+            info["mhz"] = float(v)
+        elif k == "flags" and not info["flags"]:
+            info["flags"] = set(v.split())
+        elif k == "vendor_id" and not info["vendor"]:
+            info["vendor"] = v
+        elif k == "cpu family" and info["family"] is None:
+            info["family"] = int(v)
+    return info
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` inside the block (None: left as they are), restored after it."""
+    import torch
+
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def slug(device, tag: str = "") -> str:

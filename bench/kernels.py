@@ -268,7 +268,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    from fastflow.device import resolve_device
+    from fastflow.device import device_name, resolve_device
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = machine(device)["device_name"]
+    name = device_name(device)
     tag = slug(device, args.tag)
     print(f"kernels bench on {name}, torch {torch.__version__}; N in {sizes}; {args.dtype}", file=sys.stderr)
 

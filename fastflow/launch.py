@@ -1,11 +1,11 @@
 """CPU training in several processes, started by ``python -m fastflow.train`` itself (``--procs``).
 
 On 2 cores, two processes of one thread each trained more images per second than one process of two threads
-(docs/cpu_recipe.md: the batch-48 step is too small for two OpenMP threads to share well). The processes are torchrun's workers without torchrun: each gets the
-environment torchrun would give it (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``)
-and runs the same command line, so it joins the same gloo group and the train step averages the gradients as
-under torchrun. The run is the same run in 1 or N processes (each draws the whole global batch's randomness and
-keeps its rows), to fp32 summation order, and resumes across process counts.
+(docs/cpu_recipe.md: the batch-48 step is too small for two OpenMP threads to share well). The processes are
+torchrun's workers without torchrun: each gets the environment torchrun would give it (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and runs the same command line, so it joins the same gloo group
+and the train step averages the gradients as under torchrun. The run is the same run in 1 or N processes (each draws
+the whole global batch's randomness and keeps its rows), to fp32 summation order, and resumes across process counts.
 
 This module only starts, watches and stops them:
 
